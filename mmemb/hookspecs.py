@@ -1,0 +1,89 @@
+"""The plugin API: registration hooks, one per kind of component.
+
+A plugin is a module (or object) with functions marked `@mmemb.hookimpl`, found through the
+entry-point group ``mmemb`` of any installed distribution::
+
+    # pyproject.toml of a plugin package
+    [project.entry-points.mmemb]
+    hello = "mmemb_hello"
+
+    # mmemb_hello/__init__.py
+    import mmemb
+
+    @mmemb.hookimpl
+    def mmemb_register_poolers(registry):
+        registry.add("hello", HelloPooler, config=HelloConfig, summary="...")
+
+Each hook receives a typed `Registrar` for its kind and is called with keyword arguments. Hooks only
+*register* factories: nothing is built until a recipe or `mmemb.plugins.build` asks for it, so
+`mmemb plugins list` is cheap and never imports a model. API version: `MMEMB_PLUGIN_API`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from mmemb.plugins import Registrar
+
+MMEMB_PLUGIN_API = 1
+"""Bumped when a hook's signature or a component protocol changes incompatibly."""
+
+hookspec = pluggy.HookspecMarker("mmemb")
+hookimpl = pluggy.HookimplMarker("mmemb")
+
+
+@hookspec
+def mmemb_register_backbones(registry: Registrar) -> None:
+    """Register backbones: factories ``(config) -> mmemb.model.Backbone``.
+
+    A backbone owns its processor: it turns `Item`s into model inputs (`prepare`, runs in data
+    workers) and model inputs into hidden states (`forward`).
+    """
+
+
+@hookspec
+def mmemb_register_poolers(registry: Registrar) -> None:
+    """Register poolers: factories ``(config) -> mmemb.model.Pooler``.
+
+    A pooler maps hidden states (N, L, H) and the attention mask (N, L) to one vector per item.
+    """
+
+
+@hookspec
+def mmemb_register_miners(registry: Registrar) -> None:
+    """Register hard-negative miners: factories ``(config) -> miner`` used by `mmemb mine`."""
+
+
+@hookspec
+def mmemb_register_reweighters(registry: Registrar) -> None:
+    """Register loss reweighters: factories ``(config) -> mmemb.loss.Reweighter``.
+
+    A reweighter changes how each candidate contributes to the contrastive loss through elementwise
+    transforms of the logits (forward) and/or the probabilities (backward only); see docs/loss.md.
+    """
+
+
+@hookspec
+def mmemb_register_losses(registry: Registrar) -> None:
+    """Register contrastive-loss implementations (e.g. ``tiled``): factories ``(config) -> loss``."""
+
+
+@hookspec
+def mmemb_register_sources(registry: Registrar) -> None:
+    """Register `mmemb prepare` sources: factories ``(config) -> mmemb.data.sources.Source``.
+
+    A source reads some dataset format and yields `Sample`s (or rejects with a reason).
+    """
+
+
+@hookspec
+def mmemb_register_eval_tasks(registry: Registrar) -> None:
+    """Register evaluation tasks for `mmemb eval`: factories ``(config) -> eval task``."""
+
+
+@hookspec
+def mmemb_register_exporters(registry: Registrar) -> None:
+    """Register exporters for `mmemb export`: factories ``(config) -> exporter``."""

@@ -1,0 +1,113 @@
+"""The encoder: backbone -> pooler -> (optional) L2 normalisation, and the interfaces plugins fill.
+
+A backbone owns its processor. The processor (`Backbone.processor`) is a small picklable callable
+that turns `Item`s into tensors on the CPU, so it runs inside data-loader workers; the backbone's
+`forward` turns those tensors into hidden states. A pooler turns hidden states and the attention
+mask into one vector per item. Nothing here knows a concrete model: those are plugins.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mmemb.data.schema import Item
+
+Side = Literal["query", "target"]
+"""Which side of a pair an item is on; backbones may prompt the two sides differently."""
+
+ModelInputs = dict[str, torch.Tensor]
+
+
+@dataclass
+class BackboneOutput:
+    """Hidden states (N, L, H) of the layer poolers read, and the attention mask (N, L) (1 = token)."""
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class InputProcessor(abc.ABC):
+    """Turns items into model inputs on the CPU. Must be picklable (it runs in data workers)."""
+
+    @abc.abstractmethod
+    def __call__(self, items: Sequence[Item], *, side: Side) -> ModelInputs:
+        """A batch of tensors for `Backbone.forward`; every tensor's first dimension is len(items)
+        unless the backbone documents otherwise (e.g. image patches)."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the files needed to rebuild this processor next to the model."""
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A model that maps processed items to hidden states."""
+
+    @property
+    @abc.abstractmethod
+    def hidden_size(self) -> int:
+        """Width H of the hidden states."""
+
+    @property
+    @abc.abstractmethod
+    def processor(self) -> InputProcessor:
+        """The processor that prepares inputs for this backbone."""
+
+    @abc.abstractmethod
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> BackboneOutput:
+        """Hidden states and attention mask for a processed batch."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save weights (safetensors), config and processor so the backbone reloads from `path`."""
+
+
+class Pooler(nn.Module, abc.ABC):
+    """Hidden states (N, L, H) + attention mask (N, L) -> embeddings (N, H)."""
+
+    @abc.abstractmethod
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One vector per item."""
+
+
+class Encoder(nn.Module):
+    """Backbone + pooler + optional L2 normalisation: items in, one embedding per item out."""
+
+    def __init__(self, backbone: Backbone, pooler: Pooler, *, normalize: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooler = pooler
+        self.normalize = normalize
+
+    @property
+    def processor(self) -> InputProcessor:
+        return self.backbone.processor
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = self.backbone(inputs)
+        emb = self.pooler(out.hidden_states, out.attention_mask)
+        if self.normalize:
+            emb = nn.functional.normalize(emb.float(), dim=-1)
+        return emb
+
+    @torch.inference_mode()
+    def encode(self, items: Sequence[Item], *, side: Side, batch_size: int = 32) -> torch.Tensor:
+        """Embed `items` in batches (no gradients); returns a float32 CPU tensor (N, D)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        chunks = []
+        for start in range(0, len(items), batch_size):
+            batch = self.processor(items[start : start + batch_size], side=side)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            chunks.append(self(batch).float().cpu())
+        self.train(was_training)
+        if not chunks:
+            return torch.empty(0, self.backbone.hidden_size)
+        return torch.cat(chunks)

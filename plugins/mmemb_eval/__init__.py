@@ -1,0 +1,1 @@
+"""Evaluation tasks: the MMEB protocol (P@1 over each query's candidates) and global retrieval."""

@@ -1,0 +1,1 @@
+"""`mmemb prepare` sources: MMEB train/eval, generic jsonl, image folders, the synthetic generator."""
