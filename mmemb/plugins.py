@@ -170,7 +170,7 @@ def registry(kind: str) -> Mapping[str, Component]:
             pm = plugin_manager()
             table: dict[str, Component] = {}
             caller = getattr(pm.hook, KINDS[kind])
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # in registration order
                 provider = _state.providers.get(id(impl.plugin)) or pm.get_name(impl.plugin) or "?"
                 registrar = Registrar(kind, provider, table)
                 impl.function(**{arg: registrar for arg in impl.argnames})

@@ -1,0 +1,3 @@
+from mmemb.cli import main
+
+main()
