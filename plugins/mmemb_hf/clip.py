@@ -1,0 +1,196 @@
+"""`clip`: CLIP / SigLIP dual encoders (image tower for images, text tower for text).
+
+An item's embedding is the model's own projected embedding from the tower that reads it:
+- text only: text tower on ``instruction + separator + text`` (query side: the item's instruction
+  or `query_instruction`; target side: the item's instruction or `target_instruction`);
+- image only: image tower (an instruction cannot condition a CLIP image tower and is ignored);
+- image + text (fusion rule): ``image_weight * unit(image) + (1 - image_weight) * unit(text)``,
+  i.e. by default the mean of the two L2-normalised embeddings (UniIR's score-level fusion); the
+  encoder L2-normalises the result again.
+
+`forward` returns hidden states of shape (N, 1, D) -- the finished embedding as a one-token
+sequence -- with an all-ones mask, so every pooler returns it unchanged (use `last_token`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmemb.data.schema import Item
+from mmemb.errors import ConfigError
+from mmemb.model import Backbone, BackboneOutput, InputProcessor, ModelInputs, Side
+from mmemb_hf.common import (
+    build_hf_model,
+    check_path,
+    decode_image,
+    freeze_modules,
+    item_instruction,
+    load_or_fail,
+    maybe_load_adapter,
+    save_hf_model,
+    tower_regexes,
+    unwrap_peft,
+)
+from mmemb_hf.configs import ClipConfig
+
+SUPPORTED = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
+
+PARTS: dict[str, list[str]] = {
+    "vision": ["vision_model.", "visual_projection."],
+    "language": ["text_model.", "text_projection."],
+}
+
+
+class ClipProcessor(InputProcessor):
+    """Items -> dual-encoder inputs (picklable).
+
+    Returns ``has_text`` and ``has_image`` (N,) bool; ``input_ids``/``attention_mask`` (N, L)
+    when any item has text (rows without text are padding); ``pixel_values`` (N, 3, S, S) when any
+    item has an image (zeros for items without one).
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any, cfg: ClipConfig,
+                 padding: str) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.cfg = cfg
+        self.padding = padding
+
+    def text_of(self, item: Item, side: Side) -> str | None:
+        """What the text tower reads for `item` (None: the item has no text)."""
+        if item.text is None:
+            return None
+        instruction = item_instruction(item, side, self.cfg)
+        if instruction:
+            return instruction + self.cfg.instruction_separator + item.text
+        return item.text
+
+    def __call__(self, items: Sequence[Item], *, side: Side) -> ModelInputs:
+        n = len(items)
+        texts = [self.text_of(item, side) for item in items]
+        has_text = torch.tensor([t is not None for t in texts], dtype=torch.bool)
+        has_image = torch.tensor([item.image is not None for item in items], dtype=torch.bool)
+        out: dict[str, torch.Tensor] = {"has_text": has_text, "has_image": has_image}
+        if bool(has_text.any()):
+            enc = self.tokenizer(
+                [t if t is not None else "" for t in texts], padding=self.padding,
+                truncation=True, max_length=self.cfg.max_length, padding_side="right",
+                return_tensors="pt",
+            )
+            out["input_ids"] = enc["input_ids"]
+            out["attention_mask"] = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
+        owners = [i for i, item in enumerate(items) if item.image is not None]
+        if owners:
+            images = [decode_image(items[i].image, index=i, side=side)  # type: ignore[arg-type]
+                      for i in owners]
+            pix = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            pixel_values = torch.zeros((n, *pix.shape[1:]), dtype=torch.float32)
+            pixel_values[owners] = pix
+            out["pixel_values"] = pixel_values
+        return out
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+def _features(out: Any) -> torch.Tensor:
+    # transformers 5 returns an output object (projected pooler_output); 4.x returned the tensor.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class ClipBackbone(Backbone):
+    """A CLIP/SigLIP model used as two towers; see the module docstring for the fusion rule."""
+
+    lora_towers: Mapping[str, str] = tower_regexes({
+        "language": ["text_model"],
+        "vision": ["vision_model"],
+        "projector": ["text_projection", "visual_projection"],
+    })
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        import transformers
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        self.cfg = cfg
+        check_path(cfg.path)
+        hf_config = load_or_fail("model config", cfg.path, AutoConfig.from_pretrained)
+        model_type = getattr(hf_config, "model_type", "?")
+        if model_type not in SUPPORTED:
+            raise ConfigError([
+                f"path: {cfg.path} holds a '{model_type}' model; backbone 'clip' reads "
+                f"{', '.join(SUPPORTED)} dual encoders."
+            ])
+        tokenizer = load_or_fail("tokenizer", cfg.path, AutoTokenizer.from_pretrained)
+        image_processor = load_or_fail("image processor", cfg.path,
+                                       AutoImageProcessor.from_pretrained)
+        # CLIP pools at the first EOS, which is also its pad token: right padding only. SigLIP
+        # pools the last position and was trained on max_length padding.
+        padding = "max_length" if model_type.startswith("siglip") else "longest"
+        self._processor = ClipProcessor(tokenizer, image_processor, cfg, padding)
+        model = build_hf_model(getattr(transformers, SUPPORTED[model_type]), cfg,
+                               config=hf_config)
+        for name, param in model.named_parameters():
+            if name in ("logit_scale", "logit_bias"):  # scores between towers: unused here
+                param.requires_grad_(False)
+        freeze_modules(model, cfg.freeze, PARTS, backbone="clip")
+        self.model: Any = maybe_load_adapter(model, cfg.path)
+        self._dim = int(getattr(hf_config, "projection_dim", 0)
+                        or hf_config.text_config.hidden_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return self._dim
+
+    @property
+    def processor(self) -> ClipProcessor:
+        return self._processor
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> BackboneOutput:
+        model = unwrap_peft(self.model)
+        has_text, has_image = inputs["has_text"], inputs["has_image"]
+        n = has_text.shape[0]
+        device = has_text.device
+        text = image = None
+        if bool(has_text.any()):
+            text = _features(model.get_text_features(
+                input_ids=inputs["input_ids"][has_text],
+                attention_mask=inputs["attention_mask"][has_text],
+            ))
+        if bool(has_image.any()):
+            dtype = next(model.vision_model.parameters()).dtype
+            image = _features(model.get_image_features(
+                pixel_values=inputs["pixel_values"][has_image].to(dtype)))
+        ref = text if text is not None else image
+        assert ref is not None, "every item has text or an image"
+        t_full = torch.zeros((n, ref.shape[-1]), dtype=ref.dtype, device=device)
+        i_full = torch.zeros_like(t_full)
+        if text is not None:
+            t_full = t_full.index_put((has_text.nonzero().squeeze(1),), text)
+        if image is not None:
+            i_full = i_full.index_put((has_image.nonzero().squeeze(1),), image)
+        both = (has_text & has_image).unsqueeze(-1)
+        w = self.cfg.image_weight
+        fused = w * nn_unit(i_full) + (1 - w) * nn_unit(t_full)
+        emb = torch.where(both, fused, torch.where(has_image.unsqueeze(-1), i_full, t_full))
+        mask = torch.ones((n, 1), dtype=torch.long, device=device)
+        return BackboneOutput(hidden_states=emb.unsqueeze(1), attention_mask=mask)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        save_hf_model(self.model, path)
+        self._processor.save_pretrained(path)
+
+
+def nn_unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def build(cfg: ClipConfig) -> ClipBackbone:
+    """Registry factory."""
+    return ClipBackbone(cfg)

@@ -1,0 +1,90 @@
+"""Config models of the Hugging Face backbones (pydantic only: importing this is cheap, so the
+registry can list and validate components without importing torch or transformers)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from mmemb_hf.common import HFBackboneConfig, InstructionConfig, PromptConfig, TextPromptConfig
+
+LLAVA_OV_DEFAULT_PATH = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+QWEN2_VL_DEFAULT_PATH = "Qwen/Qwen2-VL-2B-Instruct"
+CLIP_DEFAULT_PATH = "openai/clip-vit-base-patch32"
+
+
+class LlavaOnevisionConfig(HFBackboneConfig, PromptConfig):
+    """Arguments of the `llava_onevision` backbone (recipe: ``model.backbone``)."""
+
+    path: str = LLAVA_OV_DEFAULT_PATH
+    freeze: list[Literal["vision", "projector", "language", "embeddings"]] = Field(
+        default_factory=list
+    )
+    padding_side: Literal["left", "right"] = "left"
+    image_placeholder: str = Field(
+        "<image>\n", description="stands for the image in the content; must contain the image token"
+    )
+    max_image_tokens: int | None = Field(
+        None, gt=0,
+        description="keep only AnyRes pinpoints whose worst-case image token count fits",
+    )
+    image_grid_pinpoints: list[tuple[int, int]] | None = Field(
+        None, description="AnyRes resolutions (height, width); default: the model's own"
+    )
+    vision_aspect_ratio: str | None = Field(
+        None, description="'anyres_max_N': crop features are downsampled to about N views"
+    )
+    max_image_side: int | None = Field(
+        None, gt=0, description="downscale images whose longer side exceeds this (pixels) first"
+    )
+
+    @field_validator("vision_aspect_ratio")
+    @classmethod
+    def _anyres(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"anyres_max_[1-9][0-9]*", v):
+            raise ValueError("must look like 'anyres_max_9' (a positive number of views)")
+        return v
+
+
+class HFTextConfig(HFBackboneConfig, TextPromptConfig):
+    """Arguments of the `hf_text` backbone (any transformers `AutoModel` text encoder)."""
+
+    chat_template: str = "{content}"
+    freeze: list[Literal["embeddings"]] = Field(default_factory=list)
+    padding_side: Literal["left", "right"] | None = Field(
+        None, description="default: the tokenizer's own (BERT right, decoder embedders left)"
+    )
+    max_length: int = Field(512, gt=0, description="truncate prompts to this many tokens")
+
+
+class Qwen2VLConfig(HFBackboneConfig, PromptConfig):
+    """Arguments of the `qwen2_vl` backbone (Qwen2-VL and Qwen2.5-VL)."""
+
+    path: str = QWEN2_VL_DEFAULT_PATH
+    freeze: list[Literal["vision", "projector", "language", "embeddings"]] = Field(
+        default_factory=list
+    )
+    padding_side: Literal["left", "right"] = "left"
+    image_placeholder: str = Field(
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        description="stands for the image in the content; must contain <|image_pad|>",
+    )
+    min_pixels: int | None = Field(None, gt=0, description="smallest image area after resizing")
+    max_pixels: int | None = Field(None, gt=0, description="largest image area after resizing")
+    max_image_tokens: int | None = Field(
+        None, gt=0, description="caps max_pixels at this many (patch*merge)^2 blocks per image"
+    )
+
+
+class ClipConfig(HFBackboneConfig, InstructionConfig):
+    """Arguments of the `clip` backbone (CLIP / SigLIP dual encoders)."""
+
+    path: str = CLIP_DEFAULT_PATH
+    freeze: list[Literal["vision", "language"]] = Field(default_factory=list)
+    max_length: int = Field(77, gt=0, description="text tower context (CLIP: 77, SigLIP: 64)")
+    image_weight: float = Field(
+        0.5, ge=0, le=1,
+        description="image+text items: weight of the unit image embedding (text gets 1 - it)",
+    )

@@ -1,0 +1,143 @@
+"""`hf_text`: any transformers `AutoModel` text encoder (BERT/MiniLM, a Qwen2 decoder, ...).
+
+Prompt: ``chat_template`` (default ``{content}``: no markup) with content = instruction +
+separator + text, the instruction on the query side as for the multimodal backbones (e.g.
+``query_instruction: "query: "`` with ``instruction_separator: ""`` for E5). Items with an image
+are rejected. Padding side: the tokenizer's own unless `padding_side` is set (BERT: right; decoder
+embedders such as gte-Qwen2: left, with last-token pooling).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmemb.data.schema import Item
+from mmemb.errors import DataError
+from mmemb.model import Backbone, BackboneOutput, InputProcessor, ModelInputs, Side
+from mmemb_hf.common import (
+    build_hf_model,
+    check_path,
+    freeze_modules,
+    left_padded_positions,
+    load_or_fail,
+    maybe_load_adapter,
+    render_content,
+    save_hf_model,
+    truncate_text,
+    unwrap_peft,
+)
+from mmemb_hf.configs import HFTextConfig
+
+# Model families whose position ids are derived from the padding index: passing 0-based ids
+# would shift them; they compute padding-aware positions themselves.
+_OWN_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "bart"}
+
+
+class HFTextProcessor(InputProcessor):
+    """Items -> ``input_ids``/``attention_mask`` (and ``token_type_ids`` if the tokenizer makes
+    them), each (N, L). Picklable."""
+
+    def __init__(self, tokenizer: Any, cfg: HFTextConfig, padding_side: str) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.padding_side = padding_side
+
+    def prompt(self, item: Item, side: Side, index: int) -> str:
+        if item.image is not None:
+            raise DataError(
+                f"{side} item {index} of this batch has an image, but backbone 'hf_text' reads "
+                "text only. Use llava_onevision, qwen2_vl or clip for images, or drop the image "
+                "column in `mmemb prepare`."
+            )
+        text = truncate_text(self.tokenizer, item.text, self.cfg.max_text_tokens)
+        content = render_content(item, side, self.cfg, image_placeholder="", reserved=(),
+                                 index=index, text=text)
+        prompt = self.cfg.chat_template.replace("{content}", content)
+        if self.cfg.append_eos and self.tokenizer.eos_token:
+            prompt += self.tokenizer.eos_token
+        return prompt
+
+    def __call__(self, items: Sequence[Item], *, side: Side) -> ModelInputs:
+        prompts = [self.prompt(item, side, i) for i, item in enumerate(items)]
+        enc = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.cfg.max_length,
+            padding_side=self.padding_side, return_tensors="pt",
+        )
+        return {k: v for k, v in enc.items()
+                if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(path)
+
+
+class HFTextBackbone(Backbone):
+    """Last hidden layer of an `AutoModel` over the tokenized prompt."""
+
+    def __init__(self, cfg: HFTextConfig) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.cfg = cfg
+        check_path(cfg.path)
+        hf_config = load_or_fail("model config", cfg.path, AutoConfig.from_pretrained)
+        tokenizer = load_or_fail("tokenizer", cfg.path, AutoTokenizer.from_pretrained)
+        if tokenizer.pad_token is None:
+            # Decoder tokenizers often have no pad token; padded positions are masked anyway.
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        side = cfg.padding_side or tokenizer.padding_side
+        self._processor = HFTextProcessor(tokenizer, cfg, side)
+        model = build_hf_model(AutoModel, cfg, config=hf_config)
+        emb_prefix = self._embedding_prefix(model)
+        freeze_modules(model, cfg.freeze, {"embeddings": [emb_prefix]}, backbone="hf_text")
+        self.model: Any = maybe_load_adapter(model, cfg.path)
+        self._hidden = int(hf_config.get_text_config().hidden_size)
+        params = inspect.signature(model.forward).parameters
+        self._accepts = set(params)
+        self._own_positions = getattr(hf_config, "model_type", "") in _OWN_POSITIONS
+
+    @staticmethod
+    def _embedding_prefix(model: Any) -> str:
+        emb = model.get_input_embeddings()
+        for name, module in model.named_modules():
+            if module is emb:
+                return name + "."
+        raise DataError("hf_text: the model exposes no input embeddings")  # pragma: no cover
+
+    # Every top-level module counts as the language tower: LoRA target names are matched below it.
+    lora_towers: Mapping[str, str] = {"language": r"[^.]+"}
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden
+
+    @property
+    def processor(self) -> HFTextProcessor:
+        return self._processor
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> BackboneOutput:
+        model = unwrap_peft(self.model)
+        mask = inputs["attention_mask"]
+        kwargs: dict[str, Any] = {"input_ids": inputs["input_ids"], "attention_mask": mask}
+        if "token_type_ids" in inputs and "token_type_ids" in self._accepts:
+            kwargs["token_type_ids"] = inputs["token_type_ids"]
+        if (self._processor.padding_side == "left" and "position_ids" in self._accepts
+                and not self._own_positions):
+            kwargs["position_ids"] = left_padded_positions(mask)
+        if "use_cache" in self._accepts:
+            kwargs["use_cache"] = False
+        out = model(**kwargs)
+        return BackboneOutput(hidden_states=out.last_hidden_state, attention_mask=mask)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        save_hf_model(self.model, path)
+        self._processor.save_pretrained(path)
+
+
+def build(cfg: HFTextConfig) -> HFTextBackbone:
+    """Registry factory."""
+    return HFTextBackbone(cfg)
