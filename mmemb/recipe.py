@@ -161,26 +161,44 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of `raw` with each ``key=value`` applied (a component name string is widened to
-    ``{name: ...}`` when an override reaches inside it)."""
+    """A copy of `raw` with each ``key=value`` applied. A number indexes a list
+    (``data.train.0.weight=2``); a component given as a bare name is widened to ``{name: ...}``
+    when an override reaches inside it."""
     out = copy.deepcopy(raw)
     for text in overrides:
         keys, value = parse_override(text)
-        node = out
-        for i, key in enumerate(keys[:-1]):
-            child = node.get(key)
+        node: Any = out
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            where = ".".join(keys[: i + 1])
+            if isinstance(node, list):
+                if not (key.isdigit() and int(key) < len(node)):
+                    raise ConfigError([
+                        f"override {text!r}: {'.'.join(keys[:i])} is a list of {len(node)}; "
+                        f"'{key}' is not an index into it (0..{len(node) - 1})"
+                    ])
+                slot: Any = int(key)
+            elif isinstance(node, dict):
+                slot = key
+            else:
+                parent = ".".join(keys[:i])
+                raise ConfigError(
+                    [f"override {text!r}: {parent} is {node!r}, not a mapping, so it has no keys"]
+                )
+            if last:
+                node[slot] = value
+                break
+            child = node[slot] if isinstance(node, list) else node.get(slot)
             if isinstance(child, str):
                 child = {"name": child}
             elif child is None:
                 child = {}
-            elif not isinstance(child, dict):
-                where = ".".join(keys[: i + 1])
+            elif not isinstance(child, (dict, list)):
                 raise ConfigError(
                     [f"override {text!r}: {where} is {child!r}, not a mapping, so it has no keys"]
                 )
-            node[key] = child
+            node[slot] = child
             node = child
-        node[keys[-1]] = value
     return out
 
 

@@ -49,6 +49,10 @@ def test_parse_and_apply_overrides() -> None:
             parse_override(bad)
     with pytest.raises(ConfigError, match="train.lr is 1.0, not a mapping"):
         apply_overrides(raw, ["train.lr.x=1"])
+    listed = {"data": {"train": [{"shards": "a", "args": {"n": 1}}]}}
+    assert apply_overrides(listed, ["data.train.0.args.n=5"])["data"]["train"][0]["args"]["n"] == 5
+    with pytest.raises(ConfigError, match="data.train is a list of 1; '1' is not an index"):
+        apply_overrides(listed, ["data.train.1.args.n=5"])
 
 
 def test_minimal_recipe_loads_with_defaults(tmp_path: Path) -> None:
