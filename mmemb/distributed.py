@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,24 @@ def shutdown_distributed(started: bool) -> None:
     """Barrier then destroy: without both, gloo processes sometimes crash at interpreter exit."""
     if started and dist.is_initialized():
         dist.barrier()
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Destroy the default group. When DeepSpeed wrapped it, through DeepSpeed, which then drops
+    the groups it cached (a later run in the same process would otherwise use dead groups)."""
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (a MASTER_PORT for a run without a launcher)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def barrier() -> None:

@@ -70,8 +70,26 @@ class LossConfig(_Strict):
     _as_component = field_validator("reweighter", mode="before")(_component)
 
 
+class GradCacheConfig(_Strict):
+    """`train.grad_cache`: embed the batch in chunks without a graph, then re-run each chunk with
+    one (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+    Setup"), so the global batch is bounded by the loss's memory, not the model's activations."""
+
+    query_chunk: int = Field(gt=0, description="queries per forward/backward chunk")
+    candidate_chunk: int = Field(
+        gt=0, description="candidates (positives + hard negatives) per forward/backward chunk"
+    )
+
+
 class TrainConfig(_Strict):
-    engine: Literal["torch"] = "torch"
+    engine: Literal["torch", "deepspeed"] = Field(
+        "torch", description="torch: plain PyTorch (data parallel over gloo/nccl); deepspeed: ZeRO"
+    )
+    deepspeed: dict[str, Any] | str | None = Field(
+        None,
+        description="DeepSpeed config, inline or a JSON file path; 'auto' values are filled from "
+        "this section (batch_size, lr, weight_decay, warmup_steps, steps, grad_clip, precision)",
+    )
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="queries per device per step")
     negatives: int = Field(0, ge=0, description="hard negatives per query taken from the data")
@@ -81,7 +99,16 @@ class TrainConfig(_Strict):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_cache: GradCacheConfig | None = None
     log_every: int = Field(10, gt=0)
+    save_every: int | None = Field(
+        None, gt=0, description="write a checkpoint every N steps (and always at the end)"
+    )
+    keep_last: int = Field(2, gt=0, description="checkpoints kept; older ones are deleted")
+    eval_every: int | None = Field(
+        None, gt=0, description="evaluate on data.eval every N steps (rank 0)"
+    )
+    tensorboard: bool = Field(True, description="also log to OUTPUT_DIR/tensorboard if installed")
     device: str | None = None
 
 

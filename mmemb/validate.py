@@ -17,7 +17,10 @@ from mmemb.recipe import LoadedRecipe, load_recipe
 
 
 def validate_recipe(
-    path: str | Path, overrides: tuple[str, ...] | list[str] = (), *, echo: Callable[[str], None] = print
+    path: str | Path,
+    overrides: tuple[str, ...] | list[str] = (),
+    *,
+    echo: Callable[[str], None] = print,
 ) -> float:
     """Validate `path`; returns the loss of the one step it ran. Raises `MmembError` on problems."""
     loaded = load_recipe(path, overrides)

@@ -25,7 +25,7 @@ def list_components(kind: str | None) -> None:
     kinds = [kind] if kind else list(plugins.KINDS)
     for k in kinds:
         table = plugins.registry(k)
-        click.echo(f"{k}s:")
+        click.echo(f"{k}es:" if k.endswith("s") else f"{k}s:")
         if not table:
             click.echo("  (none)")
         width = max((len(n) for n in table), default=0)

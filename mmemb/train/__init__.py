@@ -1,5 +1,14 @@
-"""Training: the step, the engines, optimisation and the run's outputs."""
+"""Training: the step, the engines, GradCache, checkpoints and preemption."""
 
-from mmemb.train.trainer import TrainingError, TrainResult, build_model, train
+from mmemb.train.preempt import PREEMPTED_EXIT_CODE, Preempted
+from mmemb.train.setup import build_model
+from mmemb.train.trainer import TrainingError, TrainResult, train
 
-__all__ = ["TrainResult", "TrainingError", "build_model", "train"]
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "Preempted",
+    "TrainResult",
+    "TrainingError",
+    "build_model",
+    "train",
+]

@@ -1,35 +1,45 @@
-"""`mmemb train`: batch -> encoder -> gather -> contrastive loss (with the recipe's reweighter)
--> backward -> clip -> step, with evaluation before and after and the trained model saved.
+"""`mmemb train`: the run around the step — set-up, resume, the loop, metrics, checkpoints,
+preemption, evaluation and the saved encoder.
 
-This is the plain PyTorch engine: one process, or several under torchrun / srun / the deepspeed
-launcher with gradients averaged across ranks (gloo on CPU, nccl on GPU).
+Per step: batch -> backbone -> pooler -> normalise -> gather -> loss (full or tiled, the recipe's
+reweighter) -> backward (plain, or GradCache chunks) -> clip -> optimizer step. The engine
+(`mmemb.train.engines`) owns the backward, the gradient exchange and the optimizer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
+import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mmemb import plugins
-from mmemb.distributed import DistEnv, dist_env, init_distributed, pick_device, shutdown_distributed
-from mmemb.encoder_io import build_encoder, save_encoder
+from mmemb.distributed import (
+    DistEnv,
+    barrier,
+    dist_env,
+    init_distributed,
+    pick_device,
+    shutdown_distributed,
+)
+from mmemb.encoder_io import save_encoder
 from mmemb.errors import MmembError
 from mmemb.model import Encoder
 from mmemb.progress import Progress
 from mmemb.recipe import LoadedRecipe
+from mmemb.train import checkpoint as ckpt
 from mmemb.train.data import ensure_prepared, shard_dir
-from mmemb.train.optim import build_optimizer, build_scheduler
+from mmemb.train.engines import Engine, EngineSetup, build_engine
+from mmemb.train.metrics import MetricsWriter, step_statistics
+from mmemb.train.preempt import Preempted, PreemptionFlag
+from mmemb.train.setup import backbone_spec, build_model, preflight, seed_everything
+from mmemb.train.step import compute_step
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +47,7 @@ Echo = Callable[[str], None]
 
 
 class TrainingError(MmembError):
-    """Training cannot go on (non-finite loss, a setting that would do nothing)."""
+    """Training cannot go on (non-finite loss, data that ran out)."""
 
 
 @dataclass
@@ -48,64 +58,7 @@ class TrainResult:
     scores_before: float | None = None
     scores_after: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def backbone_spec(loaded: LoadedRecipe) -> dict[str, Any]:
-    """The recipe's backbone spec with a local `path` resolved against the recipe's folder."""
-    spec = dict(loaded.recipe.model.backbone)
-    if isinstance(spec.get("path"), str):
-        spec["path"] = loaded.resolve_path(spec["path"])
-    return spec
-
-
-def build_model(loaded: LoadedRecipe) -> Encoder:
-    """The encoder a recipe describes, with LoRA adapters when `model.lora` is set."""
-    r = loaded.recipe
-    encoder = build_encoder(backbone_spec(loaded), r.model.pooler, normalize=r.model.normalize)
-    if r.model.lora is not None:
-        from mmemb.lora import apply_lora
-
-        apply_lora(encoder.backbone, r.model.lora)
-    return encoder
-
-
-def _autocast(device: torch.device, precision: str):  # type: ignore[no-untyped-def]
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _all_reduce_mean(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients across ranks (what DDP does), one flat buffer to keep calls few."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world_size <= 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def similarity_stats(q: torch.Tensor, c: torch.Tensor, batch_size: int, negatives: int) -> dict[str, float]:
-    """Mean cosine of each query with its positive and with its own hard negatives (local batch)."""
-    with torch.no_grad():
-        qn = torch.nn.functional.normalize(q.float(), dim=-1)
-        cn = torch.nn.functional.normalize(c.float(), dim=-1)
-        stats = {"pos_sim": float((qn * cn[:batch_size]).sum(-1).mean())}
-        if negatives:
-            negs = cn[batch_size:].view(batch_size, negatives, -1)
-            stats["hard_neg_sim"] = float(torch.einsum("bd,bkd->bk", qn, negs).mean())
-    return stats
+    checkpoint: Path | None = None
 
 
 def evaluate_encoder(
@@ -119,10 +72,13 @@ def evaluate_encoder(
 
     paths = [shard_dir(loaded, e) for e in r.data.eval]
     task = dict(r.eval.task)
-    results = evaluate(
-        encoder, paths, task=task.pop("name"), task_args=task, out=out,
-        batch_size=r.eval.batch_size, show_progress=False, distributed=False,
-    )
+    # Evaluation must not move the training RNG, or a run with evaluation would not match one
+    # without (nor a resumed one).
+    with torch.random.fork_rng(devices=[]):
+        results = evaluate(
+            encoder, paths, task=task.pop("name"), task_args=task, out=out,
+            batch_size=r.eval.batch_size, show_progress=False, distributed=False,
+        )
     per_dataset = ", ".join(f"{name} {score:.1f}" for name, score in sorted(results.scores.items()))
     echo(f"eval ({results.primary_metric}, %): {per_dataset}  [details: {out}/results.md]")
     # MMEB's overall needs all 36 datasets; otherwise the mean over the evaluated ones.
@@ -132,145 +88,272 @@ def evaluate_encoder(
 
 def train(
     loaded: LoadedRecipe, *, echo: Echo = print, max_steps: int | None = None,
-    save: bool = True, evaluate: bool = True,
+    save: bool = True, evaluate: bool = True, resume: str | Path | None = None,
 ) -> TrainResult:
-    """Train the model a recipe describes. `max_steps` caps the steps (used by `validate`)."""
+    """Train the model a recipe describes.
+
+    `max_steps` caps the steps (used by `validate`); `save=False` writes neither checkpoints nor
+    the final model; `resume` is ``"latest"`` (the newest checkpoint under OUTPUT_DIR, or a fresh
+    start if there is none) or a checkpoint directory. Raises `Preempted` after SIGTERM/SIGUSR1
+    (a checkpoint was written) and `TrainingError` on a non-finite loss.
+    """
     r = loaded.recipe
     env = dist_env()
     device = pick_device(r.train.device, env)
     started = init_distributed(env, device)
+    # On a CPU, denormal floats (the far tail of a sharpening softmax) cost ~100x a normal
+    # operation and carry no signal for training: flush them to zero while training.
+    flushed = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
-        return _train(loaded, env, device, echo=echo if env.is_main else (lambda s: None),
-                      max_steps=max_steps, save=save and env.is_main, evaluate=evaluate)
+        run = _Run(loaded, env, device, echo=echo if env.is_main else (lambda s: None),
+                   max_steps=max_steps, save=save, evaluate=evaluate)
+        return run.execute(resume)
     finally:
+        if flushed:
+            torch.set_flush_denormal(False)
         shutdown_distributed(started)
 
 
-def _train(
-    loaded: LoadedRecipe, env: DistEnv, device: torch.device, *, echo: Echo,
-    max_steps: int | None, save: bool, evaluate: bool,
-) -> TrainResult:
-    from mmemb.data.collate import Collator
-    from mmemb.data.stream import make_train_loader
-    from mmemb.loss import gathered_contrastive_loss
+class _Run:
+    """One training run on one rank."""
 
-    r = loaded.recipe
-    out_dir = Path(r.output_dir)
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.yaml").write_text(loaded.dump())
-    seed_everything(r.seed)
-    ensure_prepared(loaded, env, echo=echo)
+    def __init__(
+        self, loaded: LoadedRecipe, env: DistEnv, device: torch.device, *, echo: Echo,
+        max_steps: int | None, save: bool, evaluate: bool,
+    ) -> None:
+        self.loaded = loaded
+        self.r = loaded.recipe
+        self.env = env
+        self.device = device
+        self.echo = echo
+        self.save = save
+        self.evaluate = evaluate
+        self.steps = min(self.r.train.steps, max_steps) if max_steps else self.r.train.steps
+        self.out_dir = Path(self.r.output_dir)
+        self.ckpt_root = ckpt.checkpoint_root(self.out_dir)
+        self.last_checkpoint: Path | None = None
+        self.global_loss = math.nan
+        self.preempt_agreed = False
 
-    encoder = build_model(loaded).to(device)
-    reweighter = plugins.build_from("reweighter", r.loss.reweighter, where="loss.reweighter")
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError(
-            f"{loaded.path}: the model has no trainable parameters (everything is frozen). "
-            "Unfreeze a part (model.backbone.freeze) or add LoRA (model.lora)."
+    # -- set-up ---------------------------------------------------------------------------------
+    def execute(self, resume: str | Path | None) -> TrainResult:
+        from mmemb.data.collate import Collator
+        from mmemb.data.stream import make_train_loader
+
+        r, env = self.r, self.env
+        if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "recipe.yaml").write_text(self.loaded.dump())
+        seed_everything(r.seed)
+        ensure_prepared(self.loaded, env, echo=self.echo)
+        resume_from = ckpt.resolve_resume(str(resume), self.out_dir) if resume else None
+        if resume == "latest" and resume_from is None:
+            self.echo(f"--resume latest: no checkpoint under {self.ckpt_root} yet; starting fresh")
+
+        encoder = build_model(self.loaded).to(self.device)
+        preflight(self.loaded, encoder, env)
+        self.reweighter = plugins.build_from("reweighter", r.loss.reweighter,
+                                             where="loss.reweighter")
+        self.loader = make_train_loader(
+            [(shard_dir(self.loaded, e), e.weight) for e in r.data.train],
+            batch_size=r.train.batch_size,
+            collate=Collator(encoder.processor, num_negatives=r.train.negatives),
+            seed=r.seed, rank=env.rank, world_size=env.world_size,
+            num_workers=r.data.num_workers, shuffle_buffer=r.data.shuffle_buffer,
+            resample=r.data.resample, task_homogeneous=r.data.task_homogeneous,
         )
-    steps = min(r.train.steps, max_steps) if max_steps else r.train.steps
-    negatives = r.train.negatives
-    n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in encoder.parameters())
-    global_batch = r.train.batch_size * env.world_size
-    echo(
-        f"engine=torch world_size={env.world_size} device={device} precision={r.train.precision} "
-        f"trainable={n_trainable:,}/{n_total:,} params"
-    )
-    echo(
-        f"global batch {global_batch} queries x (1 positive + {negatives} hard negatives): "
-        f"{global_batch * (1 + negatives) - 1} negatives per query "
-        f"(reweighter={r.loss.reweighter['name']}, temperature={r.loss.temperature})"
-    )
-
-    before = None
-    if evaluate and env.is_main and r.eval.before_training:
-        before = evaluate_encoder(loaded, encoder, out_dir / "eval_before", echo=echo)
-        if before is not None:
-            echo(f"P@1 before: {before:.1f}")
-
-    collator = Collator(encoder.processor, num_negatives=negatives)
-    loader = make_train_loader(
-        [(shard_dir(loaded, e), e.weight) for e in r.data.train],
-        batch_size=r.train.batch_size, collate=collator, seed=r.seed, rank=env.rank,
-        world_size=env.world_size, num_workers=r.data.num_workers,
-        shuffle_buffer=r.data.shuffle_buffer, resample=r.data.resample,
-        task_homogeneous=r.data.task_homogeneous,
-    )
-    optimizer = build_optimizer(params, r.train)
-    scheduler = build_scheduler(optimizer, r.train)
-    metrics_file = (out_dir / "metrics.jsonl").open("a") if env.is_main else None
-    history: list[dict[str, Any]] = []
-    encoder.train()
-    batches: Iterator[Any] = iter(loader)
-    loss_value = float("nan")
-    t_start = time.perf_counter()
-    with Progress(steps, desc="train", log_every=r.train.log_every, enabled=env.is_main) as bar:
-        for step in range(steps):
-            t0 = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                raise TrainingError(
-                    f"the training data ran out after {step} steps of {steps}. Set "
-                    "data.resample: true (an endless stream) or lower train.steps."
-                ) from None
-            batch = batch.to(device)
-            with _autocast(device, r.train.precision):
-                q = encoder(batch.query)
-                c = encoder(batch.candidates)
-            loss = gathered_contrastive_loss(
-                q.float(), c.float(), batch.targets, temperature=r.loss.temperature,
-                reweighter=reweighter, tile_size=r.loss.tile_size, symmetric=r.loss.symmetric,
-            )
-            loss_value = float(loss.detach())
-            if not np.isfinite(loss_value):
-                raise TrainingError(
-                    f"step {step}: the loss is {loss_value}. Lower train.lr, use fp32/bf16 "
-                    "instead of fp16, or check the data for empty items."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _all_reduce_mean(params, env.world_size)
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(params, r.train.grad_clip or float("inf"))
-            )
-            optimizer.step()
-            scheduler.step()
-            n_samples = len(batch.ids) * env.world_size
-            record = {
-                "step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "samples_per_s": n_samples / max(1e-9, time.perf_counter() - t0),
-                **similarity_stats(q, c, len(batch.ids), negatives),
-            }
-            history.append(record)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-            bar.update(1, loss=loss_value, lr=record["lr"])
-    if metrics_file is not None:
-        metrics_file.close()
-    echo(f"trained {steps} steps in {time.perf_counter() - t_start:.1f}s, final loss {loss_value:.4f}")
-
-    after = None
-    if evaluate and env.is_main:
-        after = evaluate_encoder(loaded, encoder, out_dir / "eval_after", echo=echo)
-        if after is not None:
+        start = 0
+        rng_state = None
+        if resume_from is not None:
+            state = ckpt.read_trainer_state(resume_from, env)
+            rng_state, data_state = ckpt.load_rank_state(resume_from, env)
+            self.loader.load_state_dict(data_state)
+            start = int(state["step"])
+            self.last_checkpoint = resume_from
+            self.echo(f"resumed from {resume_from} at step {start}")
+        before = None
+        if self.evaluate and env.is_main and r.eval.before_training and resume_from is None:
+            # before the engine exists: ZeRO-3 would partition the weights across ranks
+            before = evaluate_encoder(self.loaded, encoder, self.out_dir / "eval_before",
+                                      echo=self.echo)
             if before is not None:
-                echo(f"P@1 before: {before:.1f}")
-            echo(f"P@1 after: {after:.1f}")
-    model_dir = None
-    if save:
-        if r.model.lora is not None:
-            # Training is over: fold the adapters in so the saved encoder is a plain model that
-            # any mmemb command (and transformers) loads without peft.
-            from mmemb.lora import merge_lora
+                self.echo(f"P@1 before: {before:.1f}")
+        barrier()
+        engine = build_engine(EngineSetup(self.loaded, encoder, env, self.device))
+        if resume_from is not None:
+            engine.load(resume_from)
+        self._log_start(encoder, engine)
+        if rng_state is not None:  # last, so nothing in the set-up draws from the restored state
+            ckpt.set_rng_state(rng_state)
+        try:
+            history = self._loop(engine, encoder, start)
+            return self._finish(engine, history, before)
+        finally:
+            engine.close()
 
-            merge_lora(encoder.backbone)
-        model_dir = save_encoder(
-            encoder, out_dir / "model", backbone=backbone_spec(loaded), pooler=r.model.pooler
+    def _log_start(self, encoder: Encoder, engine: Engine) -> None:
+        r, t = self.r, self.r.train
+        n_trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        n_total = sum(p.numel() for p in encoder.parameters())
+        global_batch = t.batch_size * self.env.world_size
+        candidates = global_batch * (1 + t.negatives)
+        self.echo(
+            f"engine={engine.name} world_size={self.env.world_size} device={self.device} "
+            f"precision={engine.precision} trainable={n_trainable:,}/{n_total:,} params"
         )
-        echo(f"saved the trained encoder to {model_dir}")
-    return TrainResult(steps, loss_value, model_dir, before, after, history)
+        self.echo(
+            f"global batch {global_batch} queries x (1 positive + {t.negatives} hard negatives) "
+            f"= {candidates} candidates: {candidates - 1} negatives per query "
+            f"(reweighter={r.loss.reweighter['name']}, temperature={r.loss.temperature})"
+        )
+        gc = t.grad_cache
+        self.echo(
+            "grad_cache: off" if gc is None else
+            f"grad_cache: query_chunk={gc.query_chunk} candidate_chunk={gc.candidate_chunk} "
+            f"({-(-t.batch_size // gc.query_chunk)} + "
+            f"{-(-t.batch_size * (1 + t.negatives) // gc.candidate_chunk)} chunks per device)"
+        )
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _check_loss(self, flag: PreemptionFlag, step: int) -> Callable[[torch.Tensor], None]:
+        def check(loss: torch.Tensor) -> None:
+            # One small all-reduce per step: every rank learns the global loss (all stop on a
+            # NaN anywhere, before it reaches the weights) and whether any rank was signalled.
+            t = torch.tensor([float(loss.detach()), float(flag.requested)],
+                             dtype=torch.float64, device=self.device)
+            if self.env.world_size > 1 and dist.is_initialized():
+                dist.all_reduce(t)
+            self.global_loss = float(t[0]) / self.env.world_size
+            self.preempt_agreed = bool(t[1] > 0)
+            if not math.isfinite(self.global_loss):
+                kept = self.last_checkpoint or "none written yet"
+                raise TrainingError(
+                    f"step {step}: the loss is {self.global_loss} (not finite); training stopped "
+                    f"before updating the weights. Last good checkpoint: {kept}. Lower train.lr, "
+                    "use fp32 or bf16 instead of fp16, or check the data for empty items; then "
+                    "resume with `--resume latest`."
+                )
+        return check
+
+    def _loop(self, engine: Engine, encoder: Encoder, start: int) -> list[dict[str, Any]]:
+        r, t = self.r, self.r.train
+        if self.env.is_main and self.save:
+            _truncate_metrics(self.out_dir / "metrics.jsonl", start)
+        metrics = MetricsWriter(self.out_dir, enabled=self.env.is_main and self.save,
+                                tensorboard=t.tensorboard)
+        history: list[dict[str, Any]] = []
+        encoder.train()
+        batches: Iterator[Any] = iter(self.loader)
+        t_start = time.perf_counter()
+        with PreemptionFlag() as flag, Progress(
+            self.steps - start, desc="train", log_every=t.log_every, enabled=self.env.is_main
+        ) as bar:
+            for step in range(start + 1, self.steps + 1):
+                t0 = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise TrainingError(
+                        f"the training data ran out after {step - 1} steps of {self.steps}. Set "
+                        "data.resample: true (an endless stream) or lower train.steps."
+                    ) from None
+                batch = batch.to(self.device)
+                out = compute_step(engine, batch, r.loss, t, self.reweighter,
+                                   check_loss=self._check_loss(flag, step))
+                grad_norm = engine.step()
+                elapsed = time.perf_counter() - t0
+                record = {
+                    "step": step, "loss": self.global_loss, "lr": engine.lr,
+                    "grad_norm": grad_norm,
+                    "samples_per_s": len(batch) * self.env.world_size / max(elapsed, 1e-9),
+                    **step_statistics(out.q, out.c, batch.targets, negatives=t.negatives,
+                                      temperature=r.loss.temperature, reweighter=self.reweighter),
+                }
+                history.append(record)
+                metrics.write(record)
+                bar.update(1, loss=record["loss"], lr=record["lr"],
+                           samples_per_s=round(record["samples_per_s"], 1))
+                if self.save and t.save_every and step % t.save_every == 0 and step < self.steps:
+                    self._checkpoint(engine, step, record)
+                if t.eval_every and step % t.eval_every == 0 and step < self.steps:
+                    self._periodic_eval(encoder, step, metrics)
+                if self.preempt_agreed:
+                    path = self._checkpoint(engine, step, record)
+                    metrics.close()
+                    raise Preempted(step, str(path), flag.signum or 15)
+        metrics.close()
+        self.echo(f"trained {self.steps - start} steps in {time.perf_counter() - t_start:.1f}s, "
+                  f"final loss {self.global_loss:.4f}")
+        if self.save and history:
+            self._checkpoint(engine, self.steps, history[-1])
+        return history
+
+    def _checkpoint(self, engine: Engine, step: int, record: dict[str, Any]) -> Path:
+        if self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{step:08d}":
+            return self.last_checkpoint
+        path = ckpt.save_checkpoint(
+            self.ckpt_root, step, self.env, engine=engine, data_state=self.loader.state_dict(),
+            trainer_state={"engine": engine.name, "metrics": record},
+            recipe_yaml=self.loaded.dump(), keep_last=self.r.train.keep_last,
+        )
+        self.last_checkpoint = path
+        self.echo(f"checkpoint: {path}")
+        return path
+
+    def _periodic_eval(self, encoder: Encoder, step: int, metrics: MetricsWriter) -> None:
+        if self.env.is_main:
+            score = evaluate_encoder(self.loaded, encoder, self.out_dir / f"eval_step{step}",
+                                     echo=self.echo)
+            encoder.train()
+            if score is not None:
+                self.echo(f"step {step}: eval {score:.1f}")
+                if metrics.tb is not None:
+                    metrics.tb.add_scalar("eval/score", score, step)
+        barrier()
+
+    # -- the end --------------------------------------------------------------------------------
+    def _finish(
+        self, engine: Engine, history: list[dict[str, Any]], before: float | None,
+    ) -> TrainResult:
+        r = self.r
+        # collective under ZeRO-3: every rank takes part; `validate` needs no final model
+        encoder = engine.final_encoder() if (self.evaluate or self.save) else None
+        after = None
+        model_dir = None
+        if encoder is not None:
+            if self.evaluate:
+                after = evaluate_encoder(self.loaded, encoder, self.out_dir / "eval_after",
+                                         echo=self.echo)
+                if after is not None:
+                    if before is not None:
+                        self.echo(f"P@1 before: {before:.1f}")
+                    self.echo(f"P@1 after: {after:.1f}")
+            if self.save:
+                if r.model.lora is not None:
+                    # Training is over: fold the adapters in so the saved encoder is a plain model
+                    # that any mmemb command (and transformers) loads without peft.
+                    from mmemb.lora import merge_lora
+
+                    merge_lora(encoder.backbone)
+                model_dir = save_encoder(
+                    encoder, self.out_dir / "model", backbone=backbone_spec(self.loaded),
+                    pooler=r.model.pooler,
+                )
+                self.echo(f"saved the trained encoder to {model_dir}")
+        barrier()
+        return TrainResult(self.steps, self.global_loss, model_dir, before, after, history,
+                           self.last_checkpoint)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines past `step` (left by a run that died after its last checkpoint)."""
+    import json
+
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))

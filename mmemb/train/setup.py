@@ -1,0 +1,106 @@
+"""Building what a run needs from the recipe, and refusing settings that would silently do
+nothing."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmemb.data.shards import read_manifest
+from mmemb.distributed import DistEnv
+from mmemb.encoder_io import build_encoder
+from mmemb.errors import ConfigError
+from mmemb.model import Encoder
+from mmemb.recipe import LoadedRecipe
+from mmemb.train.data import shard_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def backbone_spec(loaded: LoadedRecipe) -> dict[str, Any]:
+    """The recipe's backbone spec with a local `path` resolved against the recipe's folder."""
+    spec = dict(loaded.recipe.model.backbone)
+    if isinstance(spec.get("path"), str):
+        spec["path"] = loaded.resolve_path(spec["path"])
+    return spec
+
+
+def build_model(loaded: LoadedRecipe) -> Encoder:
+    """The encoder a recipe describes, with LoRA adapters when `model.lora` is set."""
+    r = loaded.recipe
+    encoder = build_encoder(backbone_spec(loaded), r.model.pooler, normalize=r.model.normalize)
+    if r.model.lora is not None:
+        from mmemb.lora import apply_lora
+
+        apply_lora(encoder.backbone, r.model.lora)
+    return encoder
+
+
+def preflight(loaded: LoadedRecipe, encoder: Encoder, env: DistEnv) -> list[str]:
+    """Problems that would make training silently do nothing (or less than the recipe says);
+    raises `ConfigError` listing all of them."""
+    r = loaded.recipe
+    t = r.train
+    where = str(loaded.path or "<recipe>")
+    problems: list[str] = []
+    if not any(p.requires_grad for p in encoder.parameters()):
+        problems.append(
+            f"{where}: model: the model has no trainable parameters (everything is frozen). "
+            "Unfreeze a part (model.backbone.freeze) or add LoRA (model.lora)."
+        )
+    for i, entry in enumerate(r.data.train):
+        manifest = read_manifest(shard_dir(loaded, entry))
+        for name, ds in manifest.get("datasets", {}).items():
+            have = int(ds.get("negatives", {}).get("min", 0))
+            if have > 0 and t.negatives == 0:
+                problems.append(
+                    f"{where}: train.negatives is 0 but dataset '{name}' (data.train.{i}) has "
+                    f"{have} hard negative(s) per sample: they would be ignored. Set "
+                    f"train.negatives: {have} (or fewer), or prepare the data without negatives."
+                )
+            elif t.negatives > have:
+                problems.append(
+                    f"{where}: train.negatives is {t.negatives} but dataset '{name}' "
+                    f"(data.train.{i}) has only {have} per sample (negatives.min in its "
+                    f"manifest.json). Lower train.negatives to {have}, or mine more negatives."
+                )
+    gc = t.grad_cache
+    if gc is not None:
+        candidates = t.batch_size * (1 + t.negatives)
+        if gc.query_chunk > t.batch_size:
+            problems.append(
+                f"{where}: train.grad_cache.query_chunk {gc.query_chunk} is larger than "
+                f"train.batch_size {t.batch_size} (queries per device): GradCache would do "
+                f"nothing. Use a chunk below {t.batch_size}, or drop train.grad_cache."
+            )
+        if gc.candidate_chunk > candidates:
+            problems.append(
+                f"{where}: train.grad_cache.candidate_chunk {gc.candidate_chunk} is larger than "
+                f"the {candidates} candidates per device (batch_size x (1 + negatives)): "
+                "GradCache would do nothing for them. Use a smaller chunk."
+            )
+    if t.save_every is not None and t.save_every > t.steps:
+        problems.append(
+            f"{where}: train.save_every {t.save_every} is more than train.steps {t.steps}: no "
+            "periodic checkpoint would be written (the final one always is). Lower it or drop it."
+        )
+    if t.eval_every is not None and not r.data.eval:
+        problems.append(
+            f"{where}: train.eval_every is set but data.eval lists no evaluation data: nothing "
+            "would be evaluated. Add data.eval or drop train.eval_every."
+        )
+    if t.deepspeed is not None and t.engine != "deepspeed":
+        problems.append(
+            f"{where}: train.deepspeed is set but train.engine is '{t.engine}': the DeepSpeed "
+            "config would be ignored. Set train.engine: deepspeed, or drop train.deepspeed."
+        )
+    if problems:
+        raise ConfigError(problems, header=f"{where}: {len(problems)} setting(s) would do nothing")
+    return problems
