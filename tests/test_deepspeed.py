@@ -69,7 +69,6 @@ def _worker(rank: int, world: int, out: str, data: str, engine: str, stage: int,
     _run(Path(out), Path(data), engine, stage, stop_at=stop_at, resume=resume)
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def test_zero_two_processes_lora_grad_cache_resume(tmp_path: Path, i2t_data: Path,

@@ -158,7 +158,7 @@ def _step_grads(rank: int, world: int, lora: bool, grad_cache: bool, out: str) -
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("lora", "grad_cache"),
-    [pytest.param(False, False, marks=pytest.mark.slow), (True, True)],
+    [(False, False), (True, True)],
     ids=["full-plain", "lora-gradcache"],
 )
 def test_two_processes_equal_one(tmp_path: Path, lora: bool, grad_cache: bool) -> None:

@@ -98,7 +98,6 @@ def test_cli_writes_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[st
                                "tokenizer_config.json"]
 
 
-@pytest.mark.slow
 def test_cli_as_a_module(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "mmemb.testing.tiny", "text", str(tmp_path / "t"), "--no-weights"],
