@@ -31,8 +31,17 @@ CONFIGS: dict[str, list[str]] = {
 
 def run(name: str, seed: int, workdir: Path) -> dict[str, float]:
     out = workdir / f"{list(CONFIGS).index(name)}-{name.split()[0]}-seed{seed}"
-    cmd = [sys.executable, "-m", "mmemb", "train", str(RECIPE), *CONFIGS[name], f"seed={seed}", f"model.backbone.seed={seed}",
-           f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmemb",
+        "train",
+        str(RECIPE),
+        *CONFIGS[name],
+        f"seed={seed}",
+        f"model.backbone.seed={seed}",
+        f"output_dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if not (out / "eval_after" / "results.json").is_file():  # finished runs are reused
         proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
@@ -48,9 +57,12 @@ def run(name: str, seed: int, workdir: Path) -> dict[str, float]:
         scores = [d["metrics"]["precision@1"] for d in doc["datasets"].values()]
         return sum(scores) / len(scores)
 
-    return {"before": mean_p1(before), "after": mean_p1(after),
-            "final_loss": sum(last) / len(last),
-            "collapsed": float(abs(sum(last) / len(last) - math.log(candidates)) < 0.02)}
+    return {
+        "before": mean_p1(before),
+        "after": mean_p1(after),
+        "final_loss": sum(last) / len(last),
+        "collapsed": float(abs(sum(last) / len(last) - math.log(candidates)) < 0.02),
+    }
 
 
 def main() -> None:
@@ -75,7 +87,7 @@ def main() -> None:
     jobs = [(name, seed) for name in args.configs for seed in args.seeds]
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda job: run(*job, args.workdir.resolve()), jobs))
-    table = dict(zip(jobs, results))
+    table = dict(zip(jobs, results, strict=True))
     print("| reweighter | P@1 after (mean) | per seed | final loss | collapsed runs |")
     print("|---|---:|---|---:|---:|")
     for name in args.configs:

@@ -34,7 +34,8 @@ def read_items(lines: Iterable[str], *, source: str, image_root: Path | None) ->
         unknown = set(row) - {"text", "image", "instruction", "id"}
         if unknown:
             raise DataError(
-                f"{source}:{lineno}: unknown field(s) {sorted(unknown)}; use text, image, instruction"
+                f"{source}:{lineno}: unknown field(s) {sorted(unknown)}; "
+                "use text, image, instruction"
             )
         image = None
         if row.get("image"):
@@ -49,8 +50,14 @@ def read_items(lines: Iterable[str], *, source: str, image_root: Path | None) ->
 
 
 def encode_items(
-    model_dir: str | Path, lines: Iterable[str], out: str | Path, *, side: Side = "query",
-    batch_size: int = 32, source: str = "<stdin>", image_root: Path | None = None,
+    model_dir: str | Path,
+    lines: Iterable[str],
+    out: str | Path,
+    *,
+    side: Side = "query",
+    batch_size: int = 32,
+    source: str = "<stdin>",
+    image_root: Path | None = None,
 ) -> int:
     """Embed the items in `lines` with the encoder in `model_dir`; write `out` (.npy); return N."""
     encoder = load_encoder(model_dir)

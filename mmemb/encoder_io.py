@@ -20,7 +20,10 @@ ENCODER_FILE = "mmemb.json"
 
 
 def build_encoder(
-    backbone: Mapping[str, Any], pooler: Mapping[str, Any], *, normalize: bool = True,
+    backbone: Mapping[str, Any],
+    pooler: Mapping[str, Any],
+    *,
+    normalize: bool = True,
     where: str = "model",
 ) -> Encoder:
     """Build backbone and pooler from ``{name: ..., <args>}`` specs (as in a recipe's `model`)."""
@@ -72,5 +75,9 @@ def load_encoder(path: str | Path, **backbone_overrides: Any) -> Encoder:
     """Rebuild a saved encoder from its directory (weights included)."""
     spec = read_encoder_spec(path)
     backbone = {**spec["backbone"], "path": str(Path(path)), **backbone_overrides}
-    return build_encoder(backbone, spec["pooler"], normalize=spec.get("normalize", True),
-                         where=str(Path(path) / ENCODER_FILE))
+    return build_encoder(
+        backbone,
+        spec["pooler"],
+        normalize=spec.get("normalize", True),
+        where=str(Path(path) / ENCODER_FILE),
+    )

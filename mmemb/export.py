@@ -34,8 +34,11 @@ def probe_items() -> list[Item]:
         Item(text="a red square on a white background"),
         Item(text="two birds over the sea", instruction="Find an image that matches the caption."),
         Item(image=images[0]),
-        Item(image=images[1], text="what colour is the shape?",
-             instruction="Represent the given image with the following question:"),
+        Item(
+            image=images[1],
+            text="what colour is the shape?",
+            instruction="Represent the given image with the following question:",
+        ),
     ]
 
 

@@ -68,7 +68,7 @@ def mmemb_register_reweighters(registry: Registrar) -> None:
 
 @hookspec
 def mmemb_register_losses(registry: Registrar) -> None:
-    """Register contrastive-loss implementations (e.g. ``tiled``): factories ``(config) -> loss``."""
+    """Register contrastive-loss implementations (e.g. ``tiled``): ``(config) -> loss``."""
 
 
 @hookspec

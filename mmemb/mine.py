@@ -79,12 +79,15 @@ class MineReport:
     def __str__(self) -> str:
         total = sum(s["negatives_chosen"] for s in self.stats.values())
         fn = sum(s["skipped_false_negatives"] for s in self.stats.values())
-        return (f"mined {self.written} samples ({total} negatives, {fn} likely false negatives "
-                f"skipped) -> {self.out}")
+        return (
+            f"mined {self.written} samples ({total} negatives, {fn} likely false negatives "
+            f"skipped) -> {self.out}"
+        )
 
 
-def top_k(queries: torch.Tensor, pool: torch.Tensor, k: int, *, chunk: int = 4096
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(
+    queries: torch.Tensor, pool: torch.Tensor, k: int, *, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact inner-product top-k of every query over the pool, `chunk` queries at a time."""
     k = min(k, pool.shape[0])
     sims, idx = [], []
@@ -97,9 +100,16 @@ def top_k(queries: torch.Tensor, pool: torch.Tensor, k: int, *, chunk: int = 409
 
 
 def mine(
-    model_dir: str | Path, data: str | Path | list[str | Path], out: str | Path, *,
-    miner: str | Mapping[str, Any] = "knn", mode: Literal["replace", "append"] = "replace",
-    batch_size: int = 64, seed: int = 0, overwrite: bool = False, chunk: int = 4096,
+    model_dir: str | Path,
+    data: str | Path | list[str | Path],
+    out: str | Path,
+    *,
+    miner: str | Mapping[str, Any] = "knn",
+    mode: Literal["replace", "append"] = "replace",
+    batch_size: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+    chunk: int = 4096,
     echo: Callable[[str], None] = print,
 ) -> MineReport:
     """Mine negatives for the samples in `data` with the encoder in `model_dir`; write `out`."""
@@ -131,11 +141,16 @@ def mine(
     report.written = writer.written
     manifest = writer.manifest(
         mining={
-            "model": str(model_dir), "miner": miner if isinstance(miner, str) else dict(miner),
-            "mode": mode, "seed": seed, "input": [str(p) for p in (data if isinstance(data, list) else [data])],
+            "model": str(model_dir),
+            "miner": miner if isinstance(miner, str) else dict(miner),
+            "mode": mode,
+            "seed": seed,
+            "input": [str(p) for p in (data if isinstance(data, list) else [data])],
             "stats": report.stats,
         },
-        read=report.read, written=report.written, rejected={},
+        read=report.read,
+        written=report.written,
+        rejected={},
     )
     write_json_atomic(staging / "manifest.json", manifest)
     if out.exists():
@@ -145,8 +160,14 @@ def mine(
 
 
 def _mine_dataset(
-    encoder: Any, samples: list[Sample], miner: Miner, mode: str, rng: random.Random,
-    stats: MiningStats, batch_size: int, chunk: int,
+    encoder: Any,
+    samples: list[Sample],
+    miner: Miner,
+    mode: str,
+    rng: random.Random,
+    stats: MiningStats,
+    batch_size: int,
+    chunk: int,
 ) -> list[Sample]:
     pool: list[Item] = []
     index: dict[str, int] = {}
@@ -165,8 +186,10 @@ def _mine_dataset(
     out = []
     for i, s in enumerate(samples):
         ranked = Ranked(
-            indices=idx[i].tolist() if depth else [], sims=sims[i].tolist() if depth else [],
-            pos_sim=float(pos_sims[i]) if depth else 0.0, pos_index=pos_index[i],
+            indices=idx[i].tolist() if depth else [],
+            sims=sims[i].tolist() if depth else [],
+            pos_sim=float(pos_sims[i]) if depth else 0.0,
+            pos_index=pos_index[i],
         )
         chosen = miner.choose(ranked, pool_size=len(pool), rng=rng, stats=stats)
         if pos_index[i] in chosen:
@@ -178,5 +201,7 @@ def _mine_dataset(
             have = {n.content_hash() for n in s.negs}
             negs = s.negs + [n for n in negs if n.content_hash() not in have]
         meta = {**s.meta, "mined": True}
-        out.append(Sample(id=s.id, dataset=s.dataset, query=s.query, pos=s.pos, negs=negs, meta=meta))
+        out.append(
+            Sample(id=s.id, dataset=s.dataset, query=s.query, pos=s.pos, negs=negs, meta=meta)
+        )
     return out

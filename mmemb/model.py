@@ -27,7 +27,7 @@ ModelInputs = dict[str, torch.Tensor]
 
 @dataclass
 class BackboneOutput:
-    """Hidden states (N, L, H) of the layer poolers read, and the attention mask (N, L) (1 = token)."""
+    """Hidden states (N, L, H) that poolers read, and the attention mask (N, L), 1 = token."""
 
     hidden_states: torch.Tensor
     attention_mask: torch.Tensor

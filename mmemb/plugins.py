@@ -144,7 +144,9 @@ def plugin_manager() -> pluggy.PluginManager:
         return _state.pm
 
 
-def register_plugin(plugin: object, *, name: str | None = None, provider: str | None = None) -> None:
+def register_plugin(
+    plugin: object, *, name: str | None = None, provider: str | None = None
+) -> None:
     """Register a plugin object by hand (tests, notebooks); registries are rebuilt on next use."""
     with _state.lock:
         pm = plugin_manager()

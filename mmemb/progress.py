@@ -18,7 +18,12 @@ class Progress:
     """
 
     def __init__(
-        self, total: int, *, desc: str, log_every: int = 10, stream: TextIO | None = None,
+        self,
+        total: int,
+        *,
+        desc: str,
+        log_every: int = 10,
+        stream: TextIO | None = None,
         enabled: bool = True,
     ) -> None:
         self.total = total
@@ -75,4 +80,6 @@ class Progress:
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    )

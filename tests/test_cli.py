@@ -47,7 +47,9 @@ def test_unknown_pooler_is_one_clear_line_and_exit_1() -> None:
 
 
 def test_traceback_flag_shows_the_exception() -> None:
-    result = CliRunner().invoke(cli, ["--traceback", "validate", QUICKSTART, "model.pooler=lasttoken"])
+    result = CliRunner().invoke(
+        cli, ["--traceback", "validate", QUICKSTART, "model.pooler=lasttoken"]
+    )
     assert result.exit_code == 1
     assert type(result.exception).__name__ == "ConfigError"
 
@@ -55,14 +57,23 @@ def test_traceback_flag_shows_the_exception() -> None:
 def test_plugins_list_shows_kinds_and_providers() -> None:
     code, out, _ = run("plugins", "list")
     assert code == 0
-    for kind in ["backbones:", "poolers:", "reweighters:", "losses:", "sources:", "eval_tasks:",
-                 "exporters:", "miners:"]:
+    for kind in [
+        "backbones:",
+        "poolers:",
+        "reweighters:",
+        "losses:",
+        "sources:",
+        "eval_tasks:",
+        "exporters:",
+        "miners:",
+    ]:
         assert kind in out
     ega = next(ln for ln in out.splitlines() if ln.strip().startswith("ega "))
     assert "[mmemb]" in ega
 
 
 def test_console_script_runs_as_a_module() -> None:
-    out = subprocess.run([sys.executable, "-m", "mmemb", "--version"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mmemb", "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert out.startswith("mmemb, version ")

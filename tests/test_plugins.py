@@ -114,9 +114,15 @@ def test_default_plugins_come_from_entry_points(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("MMEMB_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     plugins.reset()
     try:
-        for kind, name in [("reweighter", "ega"), ("pooler", "last_token"), ("loss", "tiled"),
-                           ("backbone", "llava_onevision"), ("source", "synthetic"),
-                           ("eval_task", "mmeb"), ("exporter", "hf")]:
+        for kind, name in [
+            ("reweighter", "ega"),
+            ("pooler", "last_token"),
+            ("loss", "tiled"),
+            ("backbone", "llava_onevision"),
+            ("source", "synthetic"),
+            ("eval_task", "mmeb"),
+            ("exporter", "hf"),
+        ]:
             assert name in plugins.available(kind), (kind, name)
             assert plugins.get(kind, name).provider == "mmemb"
     finally:
@@ -135,7 +141,9 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_kernel_imports_no_plugin_package() -> None:
-    plugin_packages = {p.name for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").is_file()}
+    plugin_packages = {
+        p.name for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").is_file()
+    }
     plugin_packages |= {"plugins", "mmemb_hello"}
     assert {"mmemb_ega", "mmemb_hf"} <= plugin_packages
     offenders = {
@@ -149,15 +157,32 @@ def test_third_party_plugin_installs_and_is_listed(tmp_path: Path) -> None:
     """pip-install the example plugin into a temporary site dir and list it through the CLI."""
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(site), str(ROOT / "plugins/examples/mmemb-hello")],
-        check=True, capture_output=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(ROOT / "plugins/examples/mmemb-hello"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=240,
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("MMEMB_DISABLE_PLUGIN_AUTOLOAD", None)
     out = subprocess.run(
         [sys.executable, "-m", "mmemb", "plugins", "list", "--kind", "pooler"],
-        check=True, capture_output=True, text=True, env=env, timeout=120,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     ).stdout
     line = next(ln for ln in out.splitlines() if "hello_max" in ln)
     assert "[mmemb-hello]" in line and "mask-aware max pooling" in line

@@ -17,8 +17,13 @@ from mmemb.data.shards import iter_samples, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
-SMALL = ["train.steps=4", "train.batch_size=4", "data.train.0.args.n=40", "data.eval.0.args.n=12",
-         "eval.batch_size=16"]
+SMALL = [
+    "train.steps=4",
+    "train.batch_size=4",
+    "data.train.0.args.n=40",
+    "data.eval.0.args.n=12",
+    "eval.batch_size=16",
+]
 
 
 def invoke(*args: str) -> str:
@@ -67,22 +72,47 @@ def test_export_encode_eval_mine_on_the_trained_model(trained: Path) -> None:
     assert list(exported.glob("*.safetensors"))
 
     items = trained / "items.jsonl"
-    items.write_text('{"text": "a red circle"}\n{"text": "a blue square", "instruction": "Find it."}\n')
-    invoke("encode", "--model", str(exported), "--input", str(items), "--out", str(trained / "e.npy"))
+    items.write_text(
+        '{"text": "a red circle"}\n{"text": "a blue square", "instruction": "Find it."}\n'
+    )
+    invoke(
+        "encode", "--model", str(exported), "--input", str(items), "--out", str(trained / "e.npy")
+    )
     emb = np.load(trained / "e.npy")
     assert emb.shape[0] == 2 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
 
     eval_out = trained / "eval-cli"
-    invoke("eval", "--model", str(exported), "--data", str(trained / "data/quickstart/eval"),
-           "--out", str(eval_out), "--no-progress")
+    invoke(
+        "eval",
+        "--model",
+        str(exported),
+        "--data",
+        str(trained / "data/quickstart/eval"),
+        "--out",
+        str(eval_out),
+        "--no-progress",
+    )
     cli_scores = json.loads((eval_out / "results.json").read_text())["datasets"]
-    after = json.loads((trained / "runs/quickstart/eval_after/results.json").read_text())["datasets"]
+    after = json.loads((trained / "runs/quickstart/eval_after/results.json").read_text())[
+        "datasets"
+    ]
     for name, result in after.items():  # the exported model scores exactly what training saw
         assert cli_scores[name]["metrics"] == result["metrics"]
 
     mined = trained / "mined"
-    out = invoke("mine", "--model", str(exported), "--data", str(trained / "data/quickstart/train"),
-                 "--out", str(mined), "--arg", "num_negatives=2", "--arg", "max_pos_ratio=null")
+    out = invoke(
+        "mine",
+        "--model",
+        str(exported),
+        "--data",
+        str(trained / "data/quickstart/train"),
+        "--out",
+        str(mined),
+        "--arg",
+        "num_negatives=2",
+        "--arg",
+        "max_pos_ratio=null",
+    )
     assert "mined 40 samples" in out
     samples = list(iter_samples(mined))
     assert len(samples) == 40 and all(len(s.negs) == 2 for s in samples)

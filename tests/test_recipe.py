@@ -94,8 +94,10 @@ def test_component_problems_all_reported(tmp_path: Path) -> None:
     text = (
         MINIMAL.replace("pooler: last_token", "pooler: lasttoken")
         .replace("alpha: 1.0", "alpha: 1.0, alhpa: 2")
-        .replace("shards: shards/train\n      source: synthetic\n      args: {n: 10}",
-                 "shards: shards/missing")
+        .replace(
+            "shards: shards/train\n      source: synthetic\n      args: {n: 10}",
+            "shards: shards/missing",
+        )
     )
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
@@ -110,7 +112,9 @@ def test_component_problems_all_reported(tmp_path: Path) -> None:
 
 def test_backbone_arguments_are_checked(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL.replace("init: random", "init: randon"))
-    with pytest.raises(ConfigError, match=r"model\.backbone\.init: Input should be 'pretrained' or 'random'"):
+    with pytest.raises(
+        ConfigError, match=r"model\.backbone\.init: Input should be 'pretrained' or 'random'"
+    ):
         load_recipe(path)
 
 

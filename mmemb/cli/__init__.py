@@ -61,7 +61,9 @@ class MmembGroup(click.Group):
 @click.group(cls=MmembGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mmemb")
 @click.option(
-    "--traceback", is_flag=True, default=os.environ.get("MMEMB_TRACEBACK") == "1",
+    "--traceback",
+    is_flag=True,
+    default=os.environ.get("MMEMB_TRACEBACK") == "1",
     help="Show the full traceback of errors (also MMEMB_TRACEBACK=1).",
 )
 @click.pass_context

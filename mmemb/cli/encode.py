@@ -4,23 +4,44 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 import click
 
 
 @click.command("encode")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-              help="A trained or exported encoder directory.")
-@click.option("--input", "input_path", default="-", show_default=True,
-              help="jsonl items (text/image/instruction per line); '-' reads stdin.")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A trained or exported encoder directory.",
+)
+@click.option(
+    "--input",
+    "input_path",
+    default="-",
+    show_default=True,
+    help="jsonl items (text/image/instruction per line); '-' reads stdin.",
+)
 @click.option("--out", required=True, help="Output .npy file (float32, one row per line).")
-@click.option("--side", type=click.Choice(["query", "target"]), default="query", show_default=True,
-              help="Which prompt template the backbone uses.")
+@click.option(
+    "--side",
+    type=click.Choice(["query", "target"]),
+    default="query",
+    show_default=True,
+    help="Which prompt template the backbone uses.",
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-root", type=click.Path(file_okay=False), default=None,
-              help="Image paths are relative to this folder (default: the current one).")
-def command(model_dir: str, input_path: str, out: str, side: str, batch_size: int,
-            image_root: str | None) -> None:
+@click.option(
+    "--image-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Image paths are relative to this folder (default: the current one).",
+)
+def command(
+    model_dir: str, input_path: str, out: str, side: str, batch_size: int, image_root: str | None
+) -> None:
     """Embed jsonl items with a trained encoder.
 
     \b
@@ -29,13 +50,29 @@ def command(model_dir: str, input_path: str, out: str, side: str, batch_size: in
         mmemb encode --model runs/quickstart/model --out emb.npy
     """
     from mmemb.encode import encode_items
+    from mmemb.model import Side
 
     root = Path(image_root) if image_root else None
+    which = cast("Side", side)
     if input_path == "-":
-        n = encode_items(model_dir, sys.stdin, out, side=side, batch_size=batch_size,  # type: ignore[arg-type]
-                         source="<stdin>", image_root=root)
+        n = encode_items(
+            model_dir,
+            sys.stdin,
+            out,
+            side=which,
+            batch_size=batch_size,
+            source="<stdin>",
+            image_root=root,
+        )
     else:
         with open(input_path) as fh:
-            n = encode_items(model_dir, fh, out, side=side, batch_size=batch_size,  # type: ignore[arg-type]
-                             source=input_path, image_root=root)
+            n = encode_items(
+                model_dir,
+                fh,
+                out,
+                side=which,
+                batch_size=batch_size,
+                source=input_path,
+                image_root=root,
+            )
     click.echo(f"encoded {n} items -> {out}")

@@ -6,12 +6,22 @@ import click
 
 
 @click.command("export")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-              help="A trained encoder directory (OUTPUT_DIR/model of `mmemb train`).")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A trained encoder directory (OUTPUT_DIR/model of `mmemb train`).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write.")
 @click.option("--exporter", default="hf", show_default=True, help="Exporter plugin name.")
-@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE",
-              help="An exporter argument (repeatable), e.g. --arg overwrite=true.")
+@click.option(
+    "--arg",
+    "args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An exporter argument (repeatable), e.g. --arg overwrite=true.",
+)
 def command(model_dir: str, out: str, exporter: str, args: tuple[str, ...]) -> None:
     """Export a trained encoder: merge LoRA, check embeddings, write a Hugging Face directory.
 

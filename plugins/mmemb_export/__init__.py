@@ -11,6 +11,8 @@ from mmemb_export.hf_dir import HFDirConfig, HFDirExporter
 @mmemb.hookimpl
 def mmemb_register_exporters(registry: Any) -> None:
     registry.add(
-        "hf", HFDirExporter, config=HFDirConfig,
+        "hf",
+        HFDirExporter,
+        config=HFDirConfig,
         summary="Hugging Face directory (safetensors) + pooling/normalisation config + model card",
     )

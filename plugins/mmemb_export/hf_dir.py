@@ -46,7 +46,9 @@ def _probe(encoder: Encoder) -> dict[str, torch.Tensor]:
     }
 
 
-def _compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float, what: str) -> float:
+def _compare(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float, what: str
+) -> float:
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     if not worst <= atol:
         raise ExportError(
@@ -92,10 +94,10 @@ tags: [embedding, multimodal, mmemb]
 ---
 # Multimodal embedding model (mmemb)
 
-Exported with mmemb {__version__}. Backbone plugin `{backbone.get('name')}`, pooler
-`{pooler.get('name')}`, L2-normalised: {encoder.normalize}. Parameters: {n_params:,}.
+Exported with mmemb {__version__}. Backbone plugin `{backbone.get("name")}`, pooler
+`{pooler.get("name")}`, L2-normalised: {encoder.normalize}. Parameters: {n_params:,}.
 
-Backbone settings: `{ {k: v for k, v in backbone.items() if k != 'name'} }`
+Backbone settings: `{ {k: v for k, v in backbone.items() if k != "name"} }`
 
 ## Use
 
@@ -104,7 +106,8 @@ from mmemb.data.schema import Item
 from mmemb.encoder_io import load_encoder
 
 encoder = load_encoder("path/to/this/directory")
-q = encoder.encode([Item(text="a dog on a beach", instruction="Find an image that matches the caption.")], side="query")
+item = Item(text="a dog on a beach", instruction="Find an image that matches the caption.")
+q = encoder.encode([item], side="query")
 ```
 
 or `mmemb encode --model path/to/this/directory --input items.jsonl --out emb.npy`.

@@ -30,7 +30,9 @@ class KnnConfig(BaseModel):
     @model_validator(mode="after")
     def _window(self) -> KnnConfig:
         if self.rank_end <= self.rank_start:
-            raise ValueError(f"rank_end ({self.rank_end}) must exceed rank_start ({self.rank_start})")
+            raise ValueError(
+                f"rank_end ({self.rank_end}) must exceed rank_start ({self.rank_start})"
+            )
         return self
 
 
@@ -46,12 +48,13 @@ class KnnMiner:
             return True
         return c.margin is not None and sim > pos_sim - c.margin
 
-    def choose(self, ranked: Ranked, *, pool_size: int, rng: random.Random,
-               stats: MiningStats) -> list[int]:
+    def choose(
+        self, ranked: Ranked, *, pool_size: int, rng: random.Random, stats: MiningStats
+    ) -> list[int]:
         c = self.config
         window: list[tuple[int, float]] = []
         rank = 0
-        for idx, sim in zip(ranked.indices, ranked.sims):
+        for idx, sim in zip(ranked.indices, ranked.sims, strict=True):
             if idx == ranked.pos_index:
                 continue
             if rank >= c.rank_end:
@@ -62,7 +65,11 @@ class KnnMiner:
                 else:
                     window.append((idx, sim))
             rank += 1
-        picked = rng.sample(window, min(c.num_negatives, len(window))) if c.sample else window[: c.num_negatives]
+        picked = (
+            rng.sample(window, min(c.num_negatives, len(window)))
+            if c.sample
+            else window[: c.num_negatives]
+        )
         if len(picked) < c.num_negatives:
             stats.short += 1
         stats.chosen += len(picked)

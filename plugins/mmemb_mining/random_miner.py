@@ -21,8 +21,9 @@ class RandomMiner:
     def __init__(self, config: RandomConfig) -> None:
         self.config = config
 
-    def choose(self, ranked: Ranked, *, pool_size: int, rng: random.Random,
-               stats: MiningStats) -> list[int]:
+    def choose(
+        self, ranked: Ranked, *, pool_size: int, rng: random.Random, stats: MiningStats
+    ) -> list[int]:
         others = pool_size - (1 if ranked.pos_index >= 0 else 0)
         n = min(self.config.num_negatives, others)
         chosen: list[int] = []
