@@ -3,8 +3,9 @@
 For each dataset of the input shards separately (a negative should come from the same task), the
 candidate pool is every distinct item (by content hash) that appears there as a positive or a
 negative. Queries and pool are embedded with the model, the top candidates of each query are found
-by chunked exact search (memory bounded by `chunk` rows at a time), and a `miner` plugin picks the
-negatives from that ranked list — skipping the query's own positive and likely false negatives.
+by exact search in chunks (`mmemb.eval.metrics.topk_search`: bounded memory, faiss when
+installed), and a `miner` plugin picks the negatives from that ranked list — skipping the query's
+own positive and likely false negatives.
 The result is new shards plus a mining report in the manifest (model, miner settings, statistics).
 """
 
@@ -24,6 +25,7 @@ from mmemb import plugins
 from mmemb.data.schema import Item, Sample
 from mmemb.encoder_io import load_encoder
 from mmemb.errors import DataError, MmembError
+from mmemb.eval.metrics import topk_search
 
 
 @dataclass
@@ -83,20 +85,6 @@ class MineReport:
             f"mined {self.written} samples ({total} negatives, {fn} likely false negatives "
             f"skipped) -> {self.out}"
         )
-
-
-def top_k(
-    queries: torch.Tensor, pool: torch.Tensor, k: int, *, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-k of every query over the pool, `chunk` queries at a time."""
-    k = min(k, pool.shape[0])
-    sims, idx = [], []
-    for start in range(0, queries.shape[0], chunk):
-        s = queries[start : start + chunk] @ pool.T
-        top = s.topk(k, dim=1)
-        sims.append(top.values)
-        idx.append(top.indices)
-    return torch.cat(sims), torch.cat(idx)
 
 
 def mine(
@@ -181,7 +169,8 @@ def _mine_dataset(
     if depth:
         q = encoder.encode([s.query for s in samples], side="query", batch_size=batch_size)
         p = encoder.encode(pool, side="target", batch_size=batch_size)
-        sims, idx = top_k(q, p, depth, chunk=chunk)
+        # Exact search with bounded memory (query and pool chunks); faiss when installed.
+        sims, idx = topk_search(q, p, depth, query_chunk=chunk, backend="auto")
         pos_sims = (q * p[torch.tensor(pos_index)]).sum(-1)
     out = []
     for i, s in enumerate(samples):

@@ -1,15 +1,15 @@
-"""Miners on hand-built rankings, the chunked search, and `mine` end to end on real shards."""
+"""Miners on hand-built rankings (the search is `mmemb.eval.metrics.topk_search`, tested with eval;
+`mine` end to end on real shards is in test_quickstart.py)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-import torch
 
 from mmemb import plugins
 from mmemb.errors import ConfigError
-from mmemb.mine import MiningStats, Ranked, top_k
+from mmemb.mine import MiningStats, Ranked
 
 
 def ranked() -> Ranked:
@@ -65,12 +65,3 @@ def test_random_never_returns_the_positive() -> None:
             Ranked([], [], 0.0, pos_index=2), pool_size=5, rng=rng, stats=MiningStats()
         )
         assert len(got) == 4 and 2 not in got and len(set(got)) == 4
-
-
-def test_chunked_top_k_equals_full_sort() -> None:
-    g = torch.Generator().manual_seed(0)
-    q, p = torch.randn(37, 8, generator=g), torch.randn(101, 8, generator=g)
-    sims, idx = top_k(q, p, 5, chunk=10)
-    full = (q @ p.T).sort(dim=1, descending=True)
-    torch.testing.assert_close(sims, full.values[:, :5])
-    assert torch.equal(idx, full.indices[:, :5])
