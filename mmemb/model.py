@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -25,9 +24,11 @@ Side = Literal["query", "target"]
 ModelInputs = dict[str, torch.Tensor]
 
 
-@dataclass
-class BackboneOutput:
-    """Hidden states (N, L, H) that poolers read, and the attention mask (N, L), 1 = token."""
+class BackboneOutput(NamedTuple):
+    """Hidden states (N, L, H) that poolers read, and the attention mask (N, L), 1 = token.
+
+    A named tuple rather than a dataclass: DeepSpeed ZeRO-3 finds the tensors in a module's
+    output (to hook its backward) only inside tuples, lists and dicts."""
 
     hidden_states: torch.Tensor
     attention_mask: torch.Tensor
@@ -66,6 +67,25 @@ class Backbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def save_pretrained(self, path: str | Path) -> None:
         """Save weights (safetensors), config and processor so the backbone reloads from `path`."""
+
+    uniform_forward: bool = False
+    """True once `require_uniform_forward` was called."""
+
+    def require_uniform_forward(self) -> list[nn.Parameter]:
+        """From now on, run the same modules in the same order whatever a batch holds.
+
+        Engines that partition the weights across ranks (DeepSpeed ZeRO-3) call this before they
+        wrap the model: they gather a module's weights when a rank enters it, so a rank whose
+        chunk is text-only and skips the vision tower would mismatch the collectives of a rank
+        whose chunk has images. A backbone with modality-specific modules then runs each of them
+        on a placeholder input when a batch has nothing for it, adding exactly zero to its output.
+
+        Returns the parameters the backbone's own forward reads outside their owning module's
+        forward; the engine must gather them when the backbone runs (for DeepSpeed,
+        `register_external_parameter`). The base class has nothing to change.
+        """
+        self.uniform_forward = True
+        return []
 
 
 class Pooler(nn.Module, abc.ABC):

@@ -34,6 +34,7 @@ from mmemb_hf.common import (
     save_hf_model,
     tower_regexes,
     unwrap_peft,
+    zero_from,
 )
 from mmemb_hf.configs import ClipConfig
 
@@ -140,6 +141,7 @@ class ClipBackbone(Backbone):
                 param.requires_grad_(False)
         freeze_modules(model, cfg.freeze, PARTS, backbone="clip")
         self.model: Any = maybe_load_adapter(model, cfg.path)
+        self._placeholder: dict[str, torch.Tensor] | None = None
         self._dim = int(getattr(hf_config, "projection_dim", 0)
                         or hf_config.text_config.hidden_size)
 
@@ -151,21 +153,49 @@ class ClipBackbone(Backbone):
     def processor(self) -> ClipProcessor:
         return self._processor
 
+    def _placeholders(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Inputs of an empty text and a blank image (run under a uniform forward)."""
+        if self._placeholder is None:
+            from PIL import Image
+
+            proc = self._processor
+            enc = proc.tokenizer([""], padding=proc.padding, truncation=True,
+                                 max_length=self.cfg.max_length, return_tensors="pt")
+            size = proc.image_processor.size
+            side = int(size.get("height") or size.get("shortest_edge") or 224)
+            pix = proc.image_processor(images=[Image.new("RGB", (side, side))],
+                                       return_tensors="pt")["pixel_values"]
+            self._placeholder = {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc.get("attention_mask", torch.ones_like(enc["input_ids"])),
+                "pixel_values": pix,
+            }
+        return {k: v.to(device) for k, v in self._placeholder.items()}
+
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> BackboneOutput:
         model = unwrap_peft(self.model)
         has_text, has_image = inputs["has_text"], inputs["has_image"]
         n = has_text.shape[0]
         device = has_text.device
         text = image = None
+        unused: list[torch.Tensor] = []  # towers run on placeholders (uniform forward)
         if bool(has_text.any()):
             text = _features(model.get_text_features(
                 input_ids=inputs["input_ids"][has_text],
                 attention_mask=inputs["attention_mask"][has_text],
             ))
+        elif self.uniform_forward:
+            blank = self._placeholders(device)
+            unused.append(_features(model.get_text_features(
+                input_ids=blank["input_ids"], attention_mask=blank["attention_mask"])))
+        dtype = next(model.vision_model.parameters()).dtype
         if bool(has_image.any()):
-            dtype = next(model.vision_model.parameters()).dtype
             image = _features(model.get_image_features(
                 pixel_values=inputs["pixel_values"][has_image].to(dtype)))
+        elif self.uniform_forward:
+            blank = self._placeholders(device)
+            unused.append(_features(model.get_image_features(
+                pixel_values=blank["pixel_values"].to(dtype))))
         ref = text if text is not None else image
         assert ref is not None, "every item has text or an image"
         t_full = torch.zeros((n, ref.shape[-1]), dtype=ref.dtype, device=device)
@@ -178,6 +208,8 @@ class ClipBackbone(Backbone):
         w = self.cfg.image_weight
         fused = w * nn_unit(i_full) + (1 - w) * nn_unit(t_full)
         emb = torch.where(both, fused, torch.where(has_image.unsqueeze(-1), i_full, t_full))
+        if unused:
+            emb = emb + zero_from(unused).to(emb.dtype)
         mask = torch.ones((n, 1), dtype=torch.long, device=device)
         return BackboneOutput(hidden_states=emb.unsqueeze(1), attention_mask=mask)
 

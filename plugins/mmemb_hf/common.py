@@ -424,3 +424,41 @@ def freeze_lm_head(model: Any) -> None:
     emb = model.get_input_embeddings()
     if head is not None and head.weight is not emb.weight:
         head.weight.requires_grad_(False)
+
+
+def pooled_features(out: Any) -> list[torch.Tensor]:
+    """The per-image features of a `get_image_features` call: transformers 5 returns an output
+    object whose ``pooler_output`` holds them, 4.x the tensors (or a tuple of them) directly."""
+    import torch
+
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    return [feats] if isinstance(feats, torch.Tensor) else list(feats)
+
+
+def scatter_image_features(
+    embeds: torch.Tensor, token_mask: torch.Tensor, features: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Token embeddings (N, L, H) with the image-token positions (`token_mask`, N x L) replaced,
+    in row-major order, by the image features (what the HF models do inside their forward)."""
+    import torch
+
+    flat = torch.cat(list(features), dim=0)
+    n_tokens = int(token_mask.sum())
+    if n_tokens != flat.shape[0]:
+        raise MmembError(
+            f"the batch holds {n_tokens} image tokens but the vision tower produced "
+            f"{flat.shape[0]} features; the processor and the model's config disagree (image "
+            "grid pinpoints, patch or merge size). Rebuild the model directory's processor files "
+            "from its config."
+        )
+    mask = token_mask.unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(mask, flat.to(embeds.device, embeds.dtype))
+
+
+def zero_from(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Exactly 0, as a scalar that depends on `tensors`: adding it to an output puts the modules
+    that produced them in the autograd graph (their gradients are zeros) without changing the
+    output. Used by backbones under `require_uniform_forward`."""
+    import torch
+
+    return sum((t.float().sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))

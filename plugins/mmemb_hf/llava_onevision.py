@@ -38,11 +38,14 @@ from mmemb_hf.common import (
     load_or_fail,
     maybe_load_adapter,
     pad_rows,
+    pooled_features,
     render_content,
     save_hf_model,
+    scatter_image_features,
     tower_regexes,
     truncate_text,
     unwrap_peft,
+    zero_from,
 )
 from mmemb_hf.configs import LlavaOnevisionConfig
 
@@ -280,6 +283,7 @@ class LlavaOnevisionBackbone(Backbone):
         freeze_modules(model, cfg.freeze, PARTS, backbone="llava_onevision")
         self.model: Any = maybe_load_adapter(model, cfg.path)
         self._hidden = int(hf_config.text_config.hidden_size)
+        self._placeholder: tuple[torch.Tensor, torch.Tensor] | None = None
 
     lora_towers: Mapping[str, str] = tower_regexes({
         "language": ["model.language_model"],
@@ -296,22 +300,57 @@ class LlavaOnevisionBackbone(Backbone):
     def processor(self) -> LlavaOnevisionProcessor:
         return self._processor
 
+    def require_uniform_forward(self) -> list[torch.nn.Parameter]:
+        super().require_uniform_forward()
+        # `image_newline` belongs to the inner model but is read by `get_image_features`, which
+        # this forward calls outside the inner model's forward.
+        return [unwrap_peft(self.model).model.image_newline]
+
+    def _placeholder_image(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel values and size of a blank crop-sized image (run under a uniform forward)."""
+        if self._placeholder is None:
+            from PIL import Image
+
+            side = self._processor.crop_size
+            blank = Image.new("RGB", (side, side))
+            pix = self._processor.image_processor(
+                [blank], image_grid_pinpoints=self._processor.pinpoints, return_tensors="pt"
+            )["pixel_values"]
+            self._placeholder = (pix, torch.tensor([[side, side]]))
+        pix, sizes = self._placeholder
+        return pix.to(device), sizes.to(device)
+
+    def _image_features(self, core: Any, pixel_values: torch.Tensor,
+                        image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        dtype = next(core.vision_tower.parameters()).dtype
+        out = core.get_image_features(
+            pixel_values.to(dtype), image_sizes,
+            vision_feature_layer=core.config.vision_feature_layer,
+            vision_feature_select_strategy=core.config.vision_feature_select_strategy,
+        )
+        return pooled_features(out)
+
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> BackboneOutput:
+        # The inner model's steps, in a fixed order: token embeddings, image features (scattered
+        # at the image tokens), language model. The same as calling it with pixel_values, but a
+        # uniform forward can also run the vision tower when the batch has no image.
         core = unwrap_peft(self.model).model  # LlavaOnevisionModel: no LM head, no logits
-        mask = inputs["attention_mask"]
-        kwargs: dict[str, Any] = {}
-        if "pixel_values" in inputs:
-            has_image = inputs["image_sizes"][:, 0] > 0
-            if bool(has_image.any()):
-                dtype = next(core.vision_tower.parameters()).dtype
-                kwargs["pixel_values"] = inputs["pixel_values"][has_image].to(dtype)
-                kwargs["image_sizes"] = inputs["image_sizes"][has_image]
+        input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        embeds = core.get_input_embeddings()(input_ids)
+        has_image = (inputs["image_sizes"][:, 0] > 0) if "pixel_values" in inputs else None
+        if has_image is not None and bool(has_image.any()):
+            feats = self._image_features(core, inputs["pixel_values"][has_image],
+                                         inputs["image_sizes"][has_image])
+            embeds = scatter_image_features(embeds, input_ids == self._processor.image_token_id,
+                                            feats)
+        elif self.uniform_forward:
+            feats = self._image_features(core, *self._placeholder_image(embeds.device))
+            embeds = embeds + zero_from(feats).to(embeds.dtype)
         out = core(
-            input_ids=inputs["input_ids"],
+            inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=left_padded_positions(mask),
             use_cache=False,
-            **kwargs,
         )
         return BackboneOutput(hidden_states=out.last_hidden_state, attention_mask=mask)
 

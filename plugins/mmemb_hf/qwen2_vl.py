@@ -37,11 +37,14 @@ from mmemb_hf.common import (
     load_or_fail,
     maybe_load_adapter,
     pad_rows,
+    pooled_features,
     render_content,
     save_hf_model,
+    scatter_image_features,
     tower_regexes,
     truncate_text,
     unwrap_peft,
+    zero_from,
 )
 from mmemb_hf.configs import Qwen2VLConfig
 
@@ -176,6 +179,7 @@ class Qwen2VLBackbone(Backbone):
         self.model: Any = maybe_load_adapter(model, cfg.path)
         self._hidden = int(hf_config.get_text_config().hidden_size)
         self._image_token_id = int(hf_config.image_token_id)
+        self._placeholder: tuple[torch.Tensor, torch.Tensor] | None = None
         if self._image_token_id != self._processor.image_token_id:
             raise ConfigError([
                 f"path: {cfg.path}: the tokenizer's <|image_pad|> id "
@@ -202,28 +206,43 @@ class Qwen2VLBackbone(Backbone):
         position_ids, _ = core.get_rope_index(input_ids, **kwargs)
         return position_ids
 
+    def _placeholder_image(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches and grid of a blank image of one merge block (run under a uniform forward)."""
+        if self._placeholder is None:
+            from PIL import Image
+
+            proc = self._processor
+            blank = Image.new("RGB", (proc.factor, proc.factor))
+            out = proc.image_processor(images=[blank], size=proc.size, return_tensors="pt")
+            self._placeholder = (out["pixel_values"], out["image_grid_thw"])
+        pix, grid = self._placeholder
+        return pix.to(device), grid.to(device)
+
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> BackboneOutput:
+        # The inner model's steps, in a fixed order: token embeddings, image features (scattered
+        # at the image tokens), language model. The same as calling it with pixel_values, but a
+        # uniform forward can also run the vision tower when the batch has no image.
         core = unwrap_peft(self.model).model  # Qwen2VLModel: no LM head, no logits
         input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        kwargs: dict[str, Any] = {}
+        embeds = core.get_input_embeddings()(input_ids)
         grid = None
-        if "pixel_values" in inputs:
-            grid_all = inputs["image_grid_thw"]
-            has_image = grid_all[:, 0] > 0
-            if bool(has_image.any()):
-                grid = grid_all[has_image]
-                counts = grid.prod(-1).tolist()
-                rows = inputs["pixel_values"][has_image]
-                kwargs["pixel_values"] = torch.cat([r[:c] for r, c in zip(rows, counts,
-                                                                          strict=True)])
-                kwargs["image_grid_thw"] = grid
-                kwargs["mm_token_type_ids"] = (input_ids == self._image_token_id).int()
+        has_image = (inputs["image_grid_thw"][:, 0] > 0) if "pixel_values" in inputs else None
+        if has_image is not None and bool(has_image.any()):
+            grid = inputs["image_grid_thw"][has_image]
+            counts = grid.prod(-1).tolist()
+            rows = inputs["pixel_values"][has_image]
+            patches = torch.cat([r[:c] for r, c in zip(rows, counts, strict=True)])
+            feats = pooled_features(core.get_image_features(patches, grid))
+            embeds = scatter_image_features(embeds, input_ids == self._image_token_id, feats)
+        elif self.uniform_forward:
+            feats = pooled_features(core.get_image_features(*self._placeholder_image(
+                embeds.device)))
+            embeds = embeds + zero_from(feats).to(embeds.dtype)
         out = core(
-            input_ids=input_ids,
+            inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=self._positions(core, input_ids, mask, grid),
             use_cache=False,
-            **kwargs,
         )
         return BackboneOutput(hidden_states=out.last_hidden_state, attention_mask=mask)
 

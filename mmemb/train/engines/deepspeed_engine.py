@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from mmemb.model import Encoder
+from mmemb.model import Backbone, Encoder
 from mmemb.train.engines.base import Engine, EngineSetup
 from mmemb.train.engines.deepspeed_config import resolve_ds_config
 from mmemb.train.engines.torch_engine import WEIGHTS_FILE, trainable_named
@@ -53,6 +53,17 @@ def _safe_checkpoint_engine(engine: Any) -> None:
     ce.load = load
 
 
+def uniform_forward(encoder: Encoder) -> None:
+    """Make every rank run the same modules in the same order (ZeRO-3 gathers a module's weights
+    when a rank enters it): see `Backbone.require_uniform_forward`."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for module in encoder.modules():
+        if isinstance(module, Backbone):
+            for param in module.require_uniform_forward():
+                register_external_parameter(module, param)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -78,6 +89,8 @@ class DeepSpeedEngine(Engine):
             self._started_dist = True
         self.config = resolve_ds_config(cfg, setup.env.world_size, setup.loaded.base_dir,
                                         cpu=self.device.type == "cpu")
+        if int(self.config.get("zero_optimization", {}).get("stage", 0)) == 3:
+            uniform_forward(setup.encoder)
         params = list(self.trainable_parameters())
         optimizer = None if "optimizer" in self.config else build_optimizer(params, cfg)
         scheduler = None
