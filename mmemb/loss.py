@@ -617,10 +617,29 @@ def all_gather_with_grad(
     if x.shape[0] < most:
         pad = x.new_zeros((most - x.shape[0], *x.shape[1:]))
         padded = torch.cat([x, pad], dim=0)
-    from torch.distributed.nn.functional import all_gather as _differentiable_all_gather
-
-    parts = _differentiable_all_gather(padded.contiguous(), group=group)
+    parts = _AllGather.apply(padded.contiguous(), group)
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0), sizes
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather with a backward: each rank's input gets the sum over ranks of the gradients of
+    its part (an all-reduce of the stacked gradients, then this rank's slice: gloo has no
+    reduce-scatter). torch's own `torch.distributed.nn.all_gather` is deprecated."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, group: dist.ProcessGroup | None
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        stacked = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(stacked, group=ctx.group)
+        return stacked[dist.get_rank(ctx.group)], None
 
 
 def gathered_contrastive_loss(

@@ -78,7 +78,7 @@ def test_grad_cache_gradients_equal_full_batch(lora: bool) -> None:
         calls.append(last)
         surrogate.backward()
 
-    out = grad_cache_step(enc, backward, batch.query, batch.candidates, loss_fn,
+    out = grad_cache_step(lambda x, last: enc(x), backward, batch.query, batch.candidates, loss_fn,
                           query_chunk=4, candidate_chunk=5, device=torch.device("cpu"))
     assert calls == [False, False, False, False, False, True]  # 2 query + 4 candidate chunks
     torch.testing.assert_close(out.loss, loss.detach())
@@ -106,14 +106,16 @@ def test_grad_cache_replays_dropout() -> None:
     enc.zero_grad(set_to_none=True)
 
     torch.manual_seed(11)
-    grad_cache_step(enc, lambda s, last: s.backward(), batch.query, batch.candidates, loss_fn,
-                    query_chunk=3, candidate_chunk=5, device=torch.device("cpu"))
+    grad_cache_step(lambda x, last: enc(x), lambda s, last: s.backward(), batch.query,
+                    batch.candidates, loss_fn, query_chunk=3, candidate_chunk=5,
+                    device=torch.device("cpu"))
     assert_same_grads(grads(enc), reference)
     # and the masks matter: another RNG state gives other gradients
     enc.zero_grad(set_to_none=True)
     torch.manual_seed(12)
-    grad_cache_step(enc, lambda s, last: s.backward(), batch.query, batch.candidates, loss_fn,
-                    query_chunk=3, candidate_chunk=5, device=torch.device("cpu"))
+    grad_cache_step(lambda x, last: enc(x), lambda s, last: s.backward(), batch.query,
+                    batch.candidates, loss_fn, query_chunk=3, candidate_chunk=5,
+                    device=torch.device("cpu"))
     other = grads(enc)
     assert any(not torch.allclose(other[n], reference[n]) for n in reference)
 
@@ -148,7 +150,6 @@ def _step_grads(rank: int, world: int, lora: bool, grad_cache: bool, out: str) -
         batch = make_batch(enc, rank * share, share)
         compute_step(engine, batch, loaded.recipe.loss, loaded.recipe.train,
                      plugins.build("reweighter", "ega", alpha=1.0), check_loss=lambda loss: None)
-        engine.reduce_gradients()
         if rank == 0:
             torch.save(grads(enc), out)
     finally:
@@ -169,8 +170,8 @@ def test_two_processes_equal_one(tmp_path: Path, lora: bool, grad_cache: bool) -
     two = tmp_path / "two.pt"
     run_workers(_step_grads, 2, lora, grad_cache, str(two))
     got, want = torch.load(two, weights_only=True), torch.load(one, weights_only=True)
-    # a parameter no rank used takes part in the exchange as zeros
-    assert all(not got[n].any() for n in set(got) - set(want))
+    # DDP leaves a parameter no rank used without a gradient, as one process does
+    assert set(got) == set(want)
     # Encoder.forward normalises in float32, so the embeddings carry float32 rounding, which a
     # different batch composition (padding, gather order) changes: compare per tensor at 1e-5 of
     # its scale.

@@ -73,8 +73,11 @@ class RngState:
 
 
 LossOnEmbeddings = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+Forward = Callable[[Mapping[str, torch.Tensor], bool], torch.Tensor]
+"""``forward(inputs, last)``: embeddings; `last` marks the forward whose backward ends the step
+(a data-parallel engine exchanges gradients only in that one)."""
 Backward = Callable[[torch.Tensor, bool], None]
+"""``backward(loss, last)``: accumulate the gradients of `loss`; `last` as for `Forward`."""
 
 
 @dataclass
@@ -99,8 +102,9 @@ def grad_cache_step(
     check_loss: Callable[[torch.Tensor], None] | None = None,
 ) -> CachedStep:
     """One GradCache step: leaves the parameter gradients of ``loss_fn(encode(query),
-    encode(candidates))`` accumulated through `backward` (called once per chunk, the last call
-    with ``last=True``). `check_loss` sees the loss before any backward (to stop on NaN)."""
+    encode(candidates))`` accumulated through `forward` and `backward` (called once per chunk, the
+    last chunk's calls with ``last=True``). `check_loss` sees the loss before any backward (to
+    stop on NaN)."""
     chunks = [(c, "q") for c in split_inputs(query, query_chunk)]
     chunks += [(c, "c") for c in split_inputs(candidates, candidate_chunk)]
     states: list[RngState] = []
@@ -108,7 +112,7 @@ def grad_cache_step(
     with torch.no_grad():
         for inputs, _ in chunks:
             states.append(RngState.capture(device))
-            embs.append(forward(inputs))
+            embs.append(forward(inputs, False))
     n_q = sum(1 for _, side in chunks if side == "q")
     q = torch.cat(embs[:n_q]).detach().requires_grad_(True)
     c = torch.cat(embs[n_q:]).detach().requires_grad_(True)
@@ -119,8 +123,9 @@ def grad_cache_step(
     grads = list(grad_q.split([e.shape[0] for e in embs[:n_q]]))
     grads += list(grad_c.split([e.shape[0] for e in embs[n_q:]]))
     for i, ((inputs, _), state, grad) in enumerate(zip(chunks, states, grads, strict=True)):
+        last = i == len(chunks) - 1
         with state.replayed():
-            emb = forward(inputs)
+            emb = forward(inputs, last)
         # <emb, grad> has gradient `grad` w.r.t. emb: backpropagates the cached gradient.
-        backward((emb * grad.to(emb.dtype)).sum(), i == len(chunks) - 1)
+        backward((emb * grad.to(emb.dtype)).sum(), last)
     return CachedStep(loss.detach(), q.detach(), c.detach())

@@ -57,14 +57,14 @@ def compute_step(
     gc = train_cfg.grad_cache
     if gc is not None:
         out = grad_cache_step(
-            engine.forward, lambda loss, last: engine.backward(loss, last=last),
+            lambda inputs, last: engine.forward(inputs, sync=last),
+            lambda loss, last: engine.backward(loss, last=last),
             batch.query, batch.candidates, loss_fn,
             query_chunk=gc.query_chunk, candidate_chunk=gc.candidate_chunk,
             device=engine.device, check_loss=check_loss,
         )
         return StepResult(out.loss, out.q, out.c)
-    q = engine.forward(batch.query)
-    c = engine.forward(batch.candidates)
+    q, c = engine.forward_pair(batch.query, batch.candidates)
     loss = loss_fn(q, c)
     check_loss(loss)
     engine.backward(loss, last=True)

@@ -28,9 +28,10 @@ class EngineSetup:
 class Engine(abc.ABC):
     """Forward, backward, optimizer step and the engine's part of a checkpoint.
 
-    A step is: any number of `forward` calls, then one or more `backward` calls (GradCache calls
-    it once per chunk, with ``last=True`` on the final one: gradients are exchanged across ranks
-    only then), then `step`, which clips, updates and zeroes the gradients.
+    A step is either `forward_pair` then one `backward`, or (GradCache) no-grad `forward` calls,
+    then per chunk a `forward` and its `backward`, the last chunk's with ``sync=True`` and
+    ``last=True`` (gradients are exchanged across ranks only then); then `step`, which clips,
+    updates and zeroes the gradients.
     """
 
     name: str = "?"
@@ -43,8 +44,15 @@ class Engine(abc.ABC):
 
     # -- the step
     @abc.abstractmethod
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Embeddings (float32) of a processed batch, under the engine's precision."""
+    def forward(self, inputs: Mapping[str, torch.Tensor], *, sync: bool = True) -> torch.Tensor:
+        """Embeddings (float32) of a processed batch, under the engine's precision. ``sync=False``
+        marks a forward whose backward is not the step's last (GradCache's chunks before the
+        last): a data-parallel engine may then keep its gradients local until the last one."""
+
+    def forward_pair(self, query: Mapping[str, torch.Tensor],
+                     candidates: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of both sides of a batch, for a step with one backward."""
+        return self.forward(query), self.forward(candidates)
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:

@@ -119,7 +119,8 @@ class DeepSpeedEngine(Engine):
             return "bf16"
         return "fp16" if self.ds.fp16_enabled() else "fp32"
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, inputs: Mapping[str, torch.Tensor], *, sync: bool = True) -> torch.Tensor:
+        # `sync` needs nothing here: `backward(last=...)` sets the accumulation boundary.
         if self._dtype is not None:  # the weights are 16-bit: so must the pixels be
             inputs = {k: v.to(self._dtype) if v.is_floating_point() else v
                       for k, v in inputs.items()}

@@ -1,12 +1,18 @@
-"""The plain PyTorch engine: one process, or data parallel across ranks (gloo on CPU, nccl on GPU).
+"""The plain PyTorch engine: one process, or `DistributedDataParallel` across ranks (gloo on the
+CPU, nccl on GPUs).
 
-Across ranks the gradients are averaged once per step, after the whole backward (one flat
-all-reduce), which is what DDP computes. Doing it by hand instead of wrapping the encoder in
-`DistributedDataParallel` keeps three things simple that DDP makes fragile: several forwards before
-one backward (queries and candidates), GradCache's several backwards per step, and parameters a
-batch does not use (a text-only batch never reaches the vision tower) — DDP would need
-`no_sync`, `find_unused_parameters` and a static-graph promise for those. The cost is that the
-exchange does not overlap the backward; on GPUs at scale use the `deepspeed` engine.
+Under DDP each step makes one synchronised forward per backward, as DDP expects:
+
+- without GradCache both sides are encoded in a single call of the wrapped module
+  (`forward_pair`), so one forward is followed by the step's one backward;
+- with GradCache every re-run chunk is a forward and its backward; all but the last run with
+  gradient synchronisation off (DDP's ``no_sync``), so the gradients accumulate locally and are
+  averaged once, overlapping the last chunk's backward.
+
+``find_unused_parameters`` is on: which modules a batch reaches depends on what it holds (a
+text-only chunk never enters the vision tower, and some layers are never used at all, e.g. the
+vision layers after the feature layer LLaVA reads). DDP counts a parameter as used if any chunk
+of the step used it on any rank, so the averaged gradients are the full-batch ones.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from mmemb.errors import MmembError
 from mmemb.train.engines.base import Engine, EngineSetup
@@ -53,6 +60,17 @@ def load_trainable(encoder: torch.nn.Module, path: Path) -> None:
             p.copy_(saved[name].to(p.device, p.dtype))
 
 
+class EncodeSides(torch.nn.Module):
+    """Encodes several batches in one call: under DDP, one forward for the step's one backward."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, *batches: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(self.encoder(b) for b in batches)
+
+
 class TorchEngine(Engine):
     name = "torch"
 
@@ -68,6 +86,17 @@ class TorchEngine(Engine):
         self.scaler = (
             torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         )
+        self.model: torch.nn.Module = EncodeSides(self.encoder)
+        self.ddp: DistributedDataParallel | None = None
+        if self.env.world_size > 1 and dist.is_initialized():
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+                # Every rank builds the same model from the same seed; its buffers are constants.
+                broadcast_buffers=False,
+            )
+            self.model = self.ddp
 
     @property
     def precision(self) -> str:
@@ -79,35 +108,25 @@ class TorchEngine(Engine):
         dtype = torch.bfloat16 if self._precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        with self.autocast():
-            return self.encoder(inputs).float()
+    def _encode(self, batches: tuple[Mapping[str, torch.Tensor], ...],
+                sync: bool) -> tuple[torch.Tensor, ...]:
+        # DDP decides at the forward whether the following backward exchanges gradients.
+        quiet = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
+        with quiet, self.autocast():
+            return tuple(e.float() for e in self.model(*batches))
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], *, sync: bool = True) -> torch.Tensor:
+        return self._encode((inputs,), sync)[0]
+
+    def forward_pair(self, query: Mapping[str, torch.Tensor],
+                     candidates: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, c = self._encode((query, candidates), True)
+        return q, c
 
     def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def reduce_gradients(self) -> None:
-        """Average the gradients across ranks (`step` calls it; call it once per step)."""
-        world = self.env.world_size
-        if world <= 1 or not dist.is_initialized():
-            return
-        # A parameter this rank did not use has no gradient; it still takes part as zeros,
-        # otherwise the flat buffers of the ranks would differ in size.
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in self.params:
-            g = p.grad
-            assert g is not None
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     def step(self) -> float:
-        self.reduce_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip or float("inf")
