@@ -4,6 +4,7 @@ batches mixing text-only and image items)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(out: Path, data: Path, engine: str, stage: int, *, steps: int = 4,
          stop_at: int | None = None, resume: str | None = None,
-         lora: list[str] = LORA) -> None:
-    extra: dict[str, Any] = {"engine": engine}
+         lora: list[str] = LORA, precision: str = "fp32") -> None:
+    extra: dict[str, Any] = {"engine": engine, "precision": precision}
     if engine == "deepspeed":
         extra["deepspeed"] = {"zero_optimization": {"stage": stage}}
     loaded = tiny_recipe(TINY, data, out, overrides=lora, steps=steps, batch_size=3,
@@ -49,12 +50,42 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: f
         torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=name)
 
 
-def test_zero2_lora_grad_cache_matches_the_torch_engine(tmp_path: Path, data: Path) -> None:
-    _run(tmp_path / "torch", data, "torch", 0, steps=3)
-    _run(tmp_path / "ds", data, "deepspeed", 2, steps=3)
-    assert (list_checkpoints(tmp_path / "ds" / "checkpoints")[-1] / "deepspeed").is_dir()
-    assert (tmp_path / "ds" / "model" / "mmemb.json").is_file()
-    _assert_close(_weights(tmp_path / "ds"), _weights(tmp_path / "torch"), 1e-5)
+@pytest.fixture(scope="module")
+def torch_reference(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
+    out = tmp_path_factory.mktemp("torch")
+    _run(out, data, "torch", 0, steps=3)
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero_stages_with_lora_and_grad_cache_match_the_torch_engine(
+    tmp_path: Path, data: Path, torch_reference: Path, stage: int
+) -> None:
+    _run(tmp_path, data, "deepspeed", stage, steps=3)
+    assert (list_checkpoints(tmp_path / "checkpoints")[-1] / "deepspeed").is_dir()
+    assert (tmp_path / "model" / "mmemb.json").is_file()
+    _assert_close(_weights(tmp_path), _weights(torch_reference), 1e-5)
+
+
+def _losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [float(json.loads(line)["loss"]) for line in lines]
+
+
+def test_zero3_bf16_follows_the_fp32_run(tmp_path: Path, data: Path,
+                                         torch_reference: Path) -> None:
+    """bf16 weights and activations (DeepSpeed keeps fp32 master weights): the loss curve stays
+    within bf16 rounding of the fp32 run, and the saved weights are the fp32 masters."""
+    _run(tmp_path, data, "deepspeed", 3, steps=3, precision="bf16")
+    recipe = (tmp_path / "recipe.yaml").read_text()
+    assert "precision: bf16" in recipe
+    bf16, fp32 = _losses(tmp_path), _losses(torch_reference)
+    assert len(bf16) == len(fp32) == 3
+    for got, want in zip(bf16, fp32, strict=True):
+        assert abs(got - want) <= 0.02 * abs(want), (bf16, fp32)
+    weights = _weights(tmp_path)
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().max() > 0 for n, w in weights.items() if "lora_B" in n)  # it trained
 
 
 def _worker(rank: int, world: int, out: str, data: str, engine: str, stage: int,
