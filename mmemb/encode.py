@@ -1,15 +1,25 @@
 """`mmemb encode`: stream jsonl items to embeddings, for pipelines.
 
-Each input line is one item: ``{"text": ..., "image": "path/to/img.jpg", "instruction": ...}``
-(at least one of text and image; image paths relative to `image_root`). The output is a float32
-``.npy`` matrix, one row per input line, in input order.
+Each input line is one item: ``{"text": ..., "image": "path/to/img.jpg", "instruction": ...,
+"id": ...}`` (at least one of text and image; image paths relative to `image_root`). Items are
+read and embedded a batch at a time, so the input never sits in memory. The output, by its
+suffix:
+
+- ``.npy``: a float32 matrix, one row per input item, in input order;
+- ``.parquet``: columns ``id`` (the item's ``id``, else its line number) and ``embedding``
+  (a fixed-size list of float32), written a row group at a time (needs ``mmemb[parquet]``).
+
+The file appears only when complete (written to a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,9 +28,14 @@ from mmemb.encoder_io import load_encoder
 from mmemb.errors import DataError
 from mmemb.model import Side
 
+FORMATS = (".npy", ".parquet")
 
-def read_items(lines: Iterable[str], *, source: str, image_root: Path | None) -> Iterator[Item]:
-    """Parse jsonl item lines; every bad line is an error naming its line number."""
+
+def read_items(
+    lines: Iterable[str], *, source: str, image_root: Path | None
+) -> Iterator[tuple[str, Item]]:
+    """Parse jsonl item lines into (id, item); the id is the line's ``id`` or its line number.
+    Every bad line is an error naming its line number."""
     root = image_root or Path(".")
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -46,7 +61,73 @@ def read_items(lines: Iterable[str], *, source: str, image_root: Path | None) ->
         text = row.get("text") or None
         if text is None and image is None:
             raise DataError(f"{source}:{lineno}: the item has neither text nor image")
-        yield Item(text=text, image=image, instruction=row.get("instruction") or None)
+        item_id = str(row["id"]) if row.get("id") is not None else str(lineno)
+        yield item_id, Item(text=text, image=image, instruction=row.get("instruction") or None)
+
+
+class EmbeddingWriter(Protocol):
+    def write(self, ids: list[str], emb: np.ndarray) -> None: ...
+    def close(self) -> None: ...
+
+
+class NpyWriter:
+    """Collects the rows (a .npy header needs the row count) and saves them at `close`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.parts: list[np.ndarray] = []
+
+    def write(self, ids: list[str], emb: np.ndarray) -> None:
+        self.parts.append(emb)
+
+    def close(self) -> None:
+        emb = np.concatenate(self.parts) if self.parts else np.zeros((0, 0), np.float32)
+        with open(self.path, "wb") as fh:  # np.save on a path would append ".npy"
+            np.save(fh, emb)
+
+
+class ParquetWriter:
+    """Writes one row group per call: ids and fixed-size float32 embedding lists."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise DataError(
+                f"--out {path}: parquet output needs pyarrow: pip install 'mmemb[parquet]' (or "
+                "write .npy)"
+            ) from exc
+        self.pa, self.pq, self.path = pa, pq, path
+        self.writer: Any = None
+
+    def write(self, ids: list[str], emb: np.ndarray) -> None:
+        pa = self.pa
+        values = pa.array(emb.reshape(-1), type=pa.float32())
+        column = pa.FixedSizeListArray.from_arrays(values, emb.shape[1])
+        table = pa.table({"id": pa.array(ids, type=pa.string()), "embedding": column})
+        if self.writer is None:
+            self.writer = self.pq.ParquetWriter(str(self.path), table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is None:  # no items: an empty file with the schema
+            pa = self.pa
+            schema = pa.schema([("id", pa.string()),
+                                ("embedding", pa.list_(pa.float32(), 0))])
+            self.writer = self.pq.ParquetWriter(str(self.path), schema)
+        self.writer.close()
+
+
+def check_format(out: Path) -> None:
+    if out.suffix not in FORMATS:
+        raise DataError(f"--out {out}: unknown output format {out.suffix!r}; name the file "
+                        f"{' or '.join('*' + f for f in FORMATS)}")
+
+
+def open_writer(out: Path, tmp: Path) -> EmbeddingWriter:
+    check_format(out)
+    return NpyWriter(tmp) if out.suffix == ".npy" else ParquetWriter(tmp)
 
 
 def encode_items(
@@ -59,13 +140,24 @@ def encode_items(
     source: str = "<stdin>",
     image_root: Path | None = None,
 ) -> int:
-    """Embed the items in `lines` with the encoder in `model_dir`; write `out` (.npy); return N."""
-    encoder = load_encoder(model_dir)
-    items = list(read_items(lines, source=source, image_root=image_root))
-    emb = encoder.encode(items, side=side, batch_size=batch_size).numpy().astype(np.float32)
+    """Embed the items in `lines` with the encoder in `model_dir`, a batch at a time; write `out`
+    (.npy or .parquet, see the module docstring); return the number of items."""
     out_path = Path(out)
-    if out_path.suffix != ".npy":
-        raise DataError(f"--out {out}: only .npy output is supported; name the file *.npy")
+    check_format(out_path)  # before the (slow) model load
+    encoder = load_encoder(model_dir)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out_path, emb)
-    return len(items)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    writer = open_writer(out_path, tmp)
+    n = 0
+    items = read_items(lines, source=source, image_root=image_root)
+    try:
+        while batch := list(islice(items, batch_size)):
+            ids = [i for i, _ in batch]
+            emb = encoder.encode([it for _, it in batch], side=side, batch_size=batch_size)
+            writer.write(ids, emb.numpy().astype(np.float32))
+            n += len(batch)
+        writer.close()
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n

@@ -22,9 +22,12 @@ import click
     "input_path",
     default="-",
     show_default=True,
-    help="jsonl items (text/image/instruction per line); '-' reads stdin.",
+    help="jsonl items (text/image/instruction/id per line); '-' reads stdin.",
 )
-@click.option("--out", required=True, help="Output .npy file (float32, one row per line).")
+@click.option(
+    "--out", required=True,
+    help="Output file: .npy (float32 matrix, a row per item) or .parquet (id, embedding).",
+)
 @click.option(
     "--side",
     type=click.Choice(["query", "target"]),
