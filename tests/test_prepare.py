@@ -106,6 +106,35 @@ def test_fail_stops_at_the_first_bad_row_with_file_line_reason(tmp_path: Path, r
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "manifest.json"}
+
+
+def test_workers_give_the_same_output(tmp_path: Path) -> None:
+    """Images checked in 2 worker processes: the same shards, rejects and counts, in order."""
+    img = _dataset(tmp_path)
+    rows: list[Any] = []
+    for i in range(40):  # several chunks per worker, with rejects among them
+        rows.append({"id": f"s{i}", "query": f"caption {i}",
+                     "pos": {"image": ["a.jpg", "b.png", "garbage.jpg", "cut.jpg"][i % 4]},
+                     "neg": [f"neg {i}"]})
+    rows.insert(25, {"id": "s4", "query": "a duplicate", "pos": "p"})
+    src = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    args = {"input": str(src), "image_root": str(img)}
+    one = prepare("jsonl", args, tmp_path / "one", on_error="skip", shard_size=7)
+    two = prepare("jsonl", args, tmp_path / "two", on_error="skip", shard_size=7, workers=2)
+    assert (one.read, one.written, one.rejected) == (two.read, two.written, two.rejected)
+    assert one.rejected == {"corrupt_image": 20, "duplicate_id": 1}
+    assert _shard_bytes(tmp_path / "one") == _shard_bytes(tmp_path / "two")
+    m1, m2 = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    for key in ("shards", "datasets", "read", "written", "rejected"):
+        assert m1[key] == m2[key], key
+    # fail mode names the same first bad row
+    with pytest.raises(DataError, match=rf"{src}:3: corrupt_image"):
+        prepare("jsonl", args, tmp_path / "fail", workers=2)
+    assert not (tmp_path / "fail").exists() and not (tmp_path / "fail.partial").exists()
+
+
 def test_refuses_existing_output_unless_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "out"
     prepare("synthetic", {"n": 4}, out)

@@ -138,7 +138,8 @@ def _command_line(ctx: click.Context) -> str:
     return shlex.join(words)
 
 
-def _prepare_recipe(recipe: str, overwrite: bool, on_error: str, every: int) -> None:
+def _prepare_recipe(recipe: str, overwrite: bool, on_error: str, every: int,
+                    workers: int) -> None:
     from mmemb.data.prepare import prepare
     from mmemb.recipe import load_recipe
 
@@ -164,6 +165,7 @@ def _prepare_recipe(recipe: str, overwrite: bool, on_error: str, every: int) -> 
                 on_error=on_error,  # type: ignore[arg-type]
                 command=f"mmemb prepare --recipe {shlex.quote(recipe)}",
                 progress=reporter,
+                workers=workers,
             )
         finally:
             reporter.close()
@@ -235,6 +237,15 @@ def _prepare_recipe(recipe: str, overwrite: bool, on_error: str, every: int) -> 
     help="Prepare every data entry of RECIPE that names a source (instead of --source).",
 )
 @click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Processes that decode and check images (the slow part); the output does not depend "
+    "on N.",
+)
+@click.option(
     "--log-every",
     default=1000,
     show_default=True,
@@ -254,6 +265,7 @@ def command(
     max_image_side: int | None,
     args: tuple[str, ...],
     recipe: str | None,
+    workers: int,
     log_every: int,
 ) -> None:
     """Convert a dataset into WebDataset shards + manifest.json for training or evaluation.
@@ -266,7 +278,7 @@ def command(
     Examples:
       mmemb prepare --source synthetic --arg n=2000 --out data/synth-train
       mmemb prepare --source mmeb_train --input MMEB-train/CIRR.parquet \\
-          --image-root MMEB-train/images --out shards/cirr --on-error skip
+          --image-root MMEB-train/images --out shards/cirr --on-error skip --workers 8
       mmemb prepare --recipe recipes/quickstart.yaml
     """
     from mmemb.data.prepare import parse_shard_size, prepare
@@ -274,7 +286,7 @@ def command(
     if recipe is not None:
         if source is not None or out is not None:
             raise DataError("give either --recipe or --source/--out, not both.")
-        _prepare_recipe(recipe, overwrite, on_error, log_every)
+        _prepare_recipe(recipe, overwrite, on_error, log_every, workers)
         return
     if source is None or out is None:
         raise DataError(
@@ -304,6 +316,7 @@ def command(
             max_image_side=max_image_side,
             command=_command_line(click.get_current_context()),
             progress=reporter,
+            workers=workers,
         )
     finally:
         reporter.close()

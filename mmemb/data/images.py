@@ -8,6 +8,7 @@ TIFF, ...) are converted to PNG once, losslessly, because the sample schema prom
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 class ImageError(ValueError):
     """Bytes that are not a readable image (truncated, corrupt, or not an image at all)."""
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def sniff_ext(data: bytes) -> str | None:
@@ -50,7 +54,10 @@ def decode(data: bytes) -> Image.Image:
             im = Image.open(io.BytesIO(data))
             im.load()
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...
-        raise ImageError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+        # PIL names the stream object ("<_io.BytesIO object at 0x…>"): drop it, so a message
+        # (and the rejects report holding it) is the same on every run.
+        detail = _OBJECT_REPR.sub("the bytes", str(exc))
+        raise ImageError(f"cannot decode image ({type(exc).__name__}: {detail})") from exc
     return im
 
 

@@ -22,8 +22,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -108,74 +110,116 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-class _Checker:
-    """The per-sample checks shared by every source."""
+def _where(sample: Sample, source_name: str) -> tuple[str, int | None]:
+    o = sample.meta.get("origin")
+    if isinstance(o, dict) and "file" in o:
+        line = o.get("line")
+        return str(o["file"]), line if isinstance(line, int) else None
+    return f"source {source_name}", None
 
-    def __init__(self, source_name: str, max_image_side: int | None) -> None:
-        self.source_name = source_name
-        self.max_image_side = max_image_side
-        # 8-byte digests instead of the ids themselves: millions of ids stay in tens of MB.
-        self.seen_ids: set[bytes] = set()
 
-    def _where(self, sample: Sample) -> tuple[str, int | None]:
-        o = sample.meta.get("origin")
-        if isinstance(o, dict) and "file" in o:
-            line = o.get("line")
-            return str(o["file"]), line if isinstance(line, int) else None
-        return f"source {self.source_name}", None
-
-    def _item(self, item: Item, role: str, sample: Sample) -> Item | Reject:
-        file, line = self._where(sample)
-        text = item.text
-        if text is not None and not isinstance(text, str):
+def _check_item(item: Item, role: str, sample: Sample, source_name: str,
+                max_image_side: int | None) -> Item | Reject:
+    file, line = _where(sample, source_name)
+    text = item.text
+    if text is not None and not isinstance(text, str):
+        return Reject(
+            "missing_field", file, line, f"{role} text is {type(text).__name__}, not a string",
+            sample.id,
+        )
+    if text is not None and not text.strip():
+        if item.image is None:
             return Reject(
-                "missing_field",
-                file,
-                line,
-                f"{role} text is {type(text).__name__}, not a string",
+                "empty_text", file, line, f"{role} text is empty ({text!r}) and there is no image",
                 sample.id,
             )
-        if text is not None and not text.strip():
-            if item.image is None:
-                return Reject(
-                    "empty_text",
-                    file,
-                    line,
-                    f"{role} text is empty ({text!r}) and there is no image",
-                    sample.id,
-                )
-            text = None
-        image = item.image
-        if image is not None:
-            try:
-                image = normalize_image(image, max_side=self.max_image_side)
-            except ImageError as exc:
-                return Reject("corrupt_image", file, line, f"{role} image: {exc}", sample.id)
-        instruction = item.instruction if item.instruction and item.instruction.strip() else None
-        if text is item.text and image is item.image and instruction is item.instruction:
-            return item
-        return Item(text=text, image=image, instruction=instruction)
+        text = None
+    image = item.image
+    if image is not None:
+        try:
+            image = normalize_image(image, max_side=max_image_side)
+        except ImageError as exc:
+            return Reject("corrupt_image", file, line, f"{role} image: {exc}", sample.id)
+    instruction = item.instruction if item.instruction and item.instruction.strip() else None
+    if text is item.text and image is item.image and instruction is item.instruction:
+        return item
+    return Item(text=text, image=image, instruction=instruction)
 
-    def check(self, sample: Sample) -> Sample | Reject:
-        file, line = self._where(sample)
-        if not isinstance(sample.id, str) or not sample.id:
-            return Reject("missing_field", file, line, "the sample has no id")
-        if not isinstance(sample.dataset, str) or not sample.dataset:
-            return Reject("missing_field", file, line, "the sample has no dataset name", sample.id)
-        items: list[Item] = []
-        roles = ["query", "pos", *(f"neg{i}" for i in range(len(sample.negs)))]
-        for role, item in zip(roles, [sample.query, sample.pos, *sample.negs], strict=True):
-            checked = self._item(item, role, sample)
-            if isinstance(checked, Reject):
-                return checked
-            items.append(checked)
+
+def check_items(record: Sample | Reject, source_name: str,
+                max_image_side: int | None) -> Sample | Reject:
+    """The per-sample checks that need no other sample (the costly part: decoding every image);
+    a `Reject` passes through. Pure, so it runs in worker processes."""
+    if isinstance(record, Reject):
+        return record
+    sample = record
+    file, line = _where(sample, source_name)
+    if not isinstance(sample.id, str) or not sample.id:
+        return Reject("missing_field", file, line, "the sample has no id")
+    if not isinstance(sample.dataset, str) or not sample.dataset:
+        return Reject("missing_field", file, line, "the sample has no dataset name", sample.id)
+    items: list[Item] = []
+    roles = ["query", "pos", *(f"neg{i}" for i in range(len(sample.negs)))]
+    for role, item in zip(roles, [sample.query, sample.pos, *sample.negs], strict=True):
+        checked = _check_item(item, role, sample, source_name, max_image_side)
+        if isinstance(checked, Reject):
+            return checked
+        items.append(checked)
+    return dataclasses.replace(sample, query=items[0], pos=items[1], negs=items[2:])
+
+
+def _check_chunk(records: list[Sample | Reject], source_name: str,
+                 max_image_side: int | None) -> list[Sample | Reject]:
+    return [check_items(r, source_name, max_image_side) for r in records]
+
+
+CHUNK = 16
+"""Samples per task sent to a worker process."""
+
+
+def checked_records(
+    records: Iterable[Sample | Reject], *, source_name: str, max_image_side: int | None,
+    workers: int,
+) -> Generator[Sample | Reject, None, None]:
+    """`check_items` over `records`, in their order; with ``workers > 1`` in that many processes.
+
+    At most ``2 * workers`` chunks are in flight, so a large source is never read far ahead of
+    what has been written (a pool's `imap` would read it all into its task queue)."""
+    if workers <= 1:
+        for record in records:
+            yield check_items(record, source_name, max_image_side)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent may hold threads (a source's readers, torch's pools).
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending: deque[Any] = deque()
+        it = iter(records)
+        while chunk := list(islice(it, CHUNK)):
+            pending.append(pool.apply_async(_check_chunk,
+                                            (chunk, source_name, max_image_side)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+class _UniqueIds:
+    """Refuses a sample id seen before in this output (in reading order)."""
+
+    def __init__(self) -> None:
+        # 8-byte digests instead of the ids themselves: millions of ids stay in tens of MB.
+        self.seen: set[bytes] = set()
+
+    def check(self, sample: Sample, source_name: str) -> Sample | Reject:
         digest = hashlib.blake2b(sample.id.encode(), digest_size=8).digest()
-        if digest in self.seen_ids:
+        if digest in self.seen:
+            file, line = _where(sample, source_name)
             return Reject(
                 "duplicate_id", file, line, f"id {sample.id!r} was already written", sample.id
             )
-        self.seen_ids.add(digest)
-        return dataclasses.replace(sample, query=items[0], pos=items[1], negs=items[2:])
+        self.seen.add(digest)
+        return sample
 
 
 def _check_out(out: Path, staging: Path, overwrite: bool) -> None:
@@ -230,6 +274,7 @@ def prepare(
     max_image_side: int | None = None,
     command: str | None = None,
     progress: ProgressFn | None = None,
+    workers: int = 1,
 ) -> PrepareReport:
     """Read source `source` (built with `source_args`) and write shards + manifest into `out`.
 
@@ -241,9 +286,13 @@ def prepare(
     - `shard_size`: samples per shard (int) or a byte size like '500MB' (see `parse_shard_size`).
     - `max_image_side`: downscale images whose longer side is larger (else bytes are kept as-is).
     - `command`: recorded in the manifest (the CLI passes its command line).
+    - `workers`: processes that decode and check the images (the costly part); the output is the
+      same for any number.
     """
     if on_error not in ("fail", "skip"):
         raise DataError(f"on_error must be 'fail' or 'skip' (got {on_error!r}).")
+    if workers < 1:
+        raise DataError(f"workers must be at least 1 (got {workers}).")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of rows (got {limit}).")
     if max_image_side is not None and max_image_side < 1:
@@ -258,7 +307,7 @@ def prepare(
     _check_out(out, staging, overwrite)
 
     started = time.perf_counter()
-    checker = _Checker(source, max_image_side)
+    unique = _UniqueIds()
     read = 0
     rejected: dict[str, int] = {}
     rejects_file: IO[str] | None = None
@@ -268,22 +317,26 @@ def prepare(
         max_bytes=max_bytes or (1 << 30),
         pool_images=getattr(src, "pool_images", False),
     )
-    try:
-        for record in src:
-            if limit is not None and read >= limit:
-                break
-            read += 1
+
+    def records() -> Iterator[Sample | Reject]:
+        for record in islice(src, limit):  # islice(…, None) reads everything
             if isinstance(record, Sample):
                 if dataset_name is not None:
                     record = dataclasses.replace(record, dataset=dataset_name)
-                checked = checker.check(record)
-            elif isinstance(record, Reject):
-                checked = record
-            else:
+            elif not isinstance(record, Reject):
                 raise TypeError(
                     f"source '{source}' yielded {type(record).__name__}; a source yields Sample "
                     "or Reject (mmemb.data.sources)"
                 )
+            yield record
+
+    checked_stream = checked_records(records(), source_name=source,
+                                     max_image_side=max_image_side, workers=workers)
+    try:
+        for checked in checked_stream:
+            read += 1
+            if isinstance(checked, Sample):
+                checked = unique.check(checked, source)
             if isinstance(checked, Reject):
                 if on_error == "fail":
                     ident = f" (sample {checked.id!r})" if checked.id else ""
@@ -329,6 +382,7 @@ def prepare(
         write_json_atomic(staging / MANIFEST_NAME, manifest)
         _publish(staging, out)
     except BaseException:
+        checked_stream.close()  # stops the worker processes
         writer.abort()
         if rejects_file is not None:
             rejects_file.close()
