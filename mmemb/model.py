@@ -68,6 +68,10 @@ class Backbone(nn.Module, abc.ABC):
     def save_pretrained(self, path: str | Path) -> None:
         """Save weights (safetensors), config and processor so the backbone reloads from `path`."""
 
+    appends_eos: bool | None = None
+    """Whether every row the processor makes ends with the tokenizer's EOS token (None: the
+    backbone does not say). Poolers that read the EOS check it."""
+
     uniform_forward: bool = False
     """True once `require_uniform_forward` was called."""
 
@@ -95,12 +99,17 @@ class Pooler(nn.Module, abc.ABC):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One vector per item."""
 
+    def check_backbone(self, backbone: Backbone) -> None:
+        """Raise `ConfigError` if this pooler cannot read what `backbone` produces (called when
+        an `Encoder` is built, so a mismatch fails before training, not silently during it)."""
+
 
 class Encoder(nn.Module):
     """Backbone + pooler + optional L2 normalisation: items in, one embedding per item out."""
 
     def __init__(self, backbone: Backbone, pooler: Pooler, *, normalize: bool = True) -> None:
         super().__init__()
+        pooler.check_backbone(backbone)
         self.backbone = backbone
         self.pooler = pooler
         self.normalize = normalize

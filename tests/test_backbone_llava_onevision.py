@@ -191,6 +191,9 @@ def test_append_eos_and_eos_pooler(tiny_dir: Path) -> None:
     with torch.no_grad():
         out = enc(inputs)
     assert torch.isfinite(out).all()
+    # without the appended EOS the pooler would silently be `last_token`: refused at build time
+    with pytest.raises(ConfigError, match=r"append_eos=true, or use the 'last_token' pooler"):
+        _encoder(tiny_dir, pooler="eos")
 
 
 def test_bfloat16(tiny_dir: Path) -> None:

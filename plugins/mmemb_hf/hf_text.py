@@ -91,6 +91,7 @@ class HFTextBackbone(Backbone):
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         side = cfg.padding_side or tokenizer.padding_side
         self._processor = HFTextProcessor(tokenizer, cfg, side)
+        self.appends_eos = bool(cfg.append_eos and tokenizer.eos_token)
         model = build_hf_model(AutoModel, cfg, config=hf_config)
         emb_prefix = self._embedding_prefix(model)
         freeze_modules(model, cfg.freeze, {"embeddings": [emb_prefix]}, backbone="hf_text")

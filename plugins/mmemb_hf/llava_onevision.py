@@ -274,6 +274,7 @@ class LlavaOnevisionBackbone(Backbone):
                 f"from the vision tower's image_size {crop}."
             ])
         image_processor.image_grid_pinpoints = pinpoints
+        self.appends_eos = bool(cfg.append_eos and tokenizer.eos_token)
         self._processor = LlavaOnevisionProcessor(
             tokenizer, image_processor, cfg, pinpoints=pinpoints, patches_per_side=patches,
             vision_aspect_ratio=aspect,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from mmemb.model import Pooler
+from mmemb.errors import ConfigError
+from mmemb.model import Backbone, Pooler
 
 
 def _check(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -57,11 +58,19 @@ class LastTokenPooler(Pooler):
 class EosPooler(Pooler):
     """The hidden state of the EOS token that ends each row.
 
-    Pair it with a backbone that appends the tokenizer's EOS token (``append_eos: true``): the EOS
-    is then each row's last real token, which is where this pooler reads -- the E5-Mistral /
-    Tevatron ``eos`` convention. Without ``append_eos`` it reads the last prompt token, as
-    `last_token` does.
+    Needs a backbone that appends the tokenizer's EOS token (``append_eos: true``): the EOS is then
+    each row's last real token, which is where this pooler reads -- the E5-Mistral / Tevatron
+    ``eos`` convention. Building an encoder with a backbone that says it appends none is an error
+    (the pooler would silently read the last prompt token, i.e. be `last_token`).
     """
+
+    def check_backbone(self, backbone: Backbone) -> None:
+        if backbone.appends_eos is False:
+            raise ConfigError([
+                "model.pooler: 'eos' reads the EOS token appended to every row, but the backbone "
+                "appends none (model.backbone.append_eos is false, or its tokenizer has no EOS "
+                "token). Set model.backbone.append_eos=true, or use the 'last_token' pooler."
+            ])
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         _check(hidden_states, attention_mask)

@@ -172,6 +172,7 @@ class Qwen2VLBackbone(Backbone):
         image_processor = load_or_fail("image processor", cfg.path,
                                        AutoImageProcessor.from_pretrained)
         self._processor = Qwen2VLProcessor(tokenizer, image_processor, cfg)
+        self.appends_eos = bool(cfg.append_eos and tokenizer.eos_token)
         model = build_hf_model(getattr(transformers, SUPPORTED[model_type]), cfg,
                                config=hf_config)
         freeze_lm_head(model)
