@@ -145,3 +145,18 @@ def test_freeze_embeddings(bert_dir: Path) -> None:
     emb = enc.backbone.model.get_input_embeddings().weight
     assert not emb.requires_grad
     assert any(p.requires_grad for p in enc.parameters())
+
+
+def test_max_length_defaults_to_the_models_position_limit(bert_dir: Path) -> None:
+    """The tiny BERT has 128 positions: a long text is truncated to them by default (512 would
+    crash inside the model), a smaller max_length truncates further, a larger one is refused."""
+    long_text = " ".join(["a red circle above a blue square"] * 60)
+    enc = _encoder(bert_dir, "cls")
+    inputs = enc.processor([Item(text=long_text), Item(text="green")], side="query")
+    assert inputs["input_ids"].shape[1] == 128
+    with torch.no_grad():
+        assert torch.isfinite(enc(inputs)).all()
+    short = _encoder(bert_dir, "cls", max_length=16)
+    assert short.processor([Item(text=long_text)], side="query")["input_ids"].shape[1] == 16
+    with pytest.raises(ConfigError, match=r"max_length: 1000 is more than the 128 positions"):
+        plugins.build("backbone", "hf_text", path=str(bert_dir), max_length=1000)

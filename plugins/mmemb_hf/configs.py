@@ -56,7 +56,11 @@ class HFTextConfig(HFBackboneConfig, TextPromptConfig):
     padding_side: Literal["left", "right"] | None = Field(
         None, description="default: the tokenizer's own (BERT right, decoder embedders left)"
     )
-    max_length: int = Field(512, gt=0, description="truncate prompts to this many tokens")
+    max_length: int | None = Field(
+        None, gt=0,
+        description="truncate prompts to this many tokens (default: 512, or the model's "
+        "position limit when smaller)",
+    )
 
 
 class Qwen2VLConfig(HFBackboneConfig, PromptConfig):

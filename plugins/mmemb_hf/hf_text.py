@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mmemb.data.schema import Item
-from mmemb.errors import DataError
+from mmemb.errors import ConfigError, DataError
 from mmemb.model import Backbone, BackboneOutput, InputProcessor, ModelInputs, Side
 from mmemb_hf.common import (
     build_hf_model,
@@ -42,10 +42,12 @@ class HFTextProcessor(InputProcessor):
     """Items -> ``input_ids``/``attention_mask`` (and ``token_type_ids`` if the tokenizer makes
     them), each (N, L). Picklable."""
 
-    def __init__(self, tokenizer: Any, cfg: HFTextConfig, padding_side: str) -> None:
+    def __init__(self, tokenizer: Any, cfg: HFTextConfig, padding_side: str,
+                 max_length: int) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.padding_side = padding_side
+        self.max_length = max_length
 
     def prompt(self, item: Item, side: Side, index: int) -> str:
         if item.image is not None:
@@ -65,7 +67,7 @@ class HFTextProcessor(InputProcessor):
     def __call__(self, items: Sequence[Item], *, side: Side) -> ModelInputs:
         prompts = [self.prompt(item, side, i) for i, item in enumerate(items)]
         enc = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=self.cfg.max_length,
+            prompts, padding=True, truncation=True, max_length=self.max_length,
             padding_side=self.padding_side, return_tensors="pt",
         )
         return {k: v for k, v in enc.items()
@@ -73,6 +75,36 @@ class HFTextProcessor(InputProcessor):
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(path)
+
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def position_limit(hf_config: Any) -> int | None:
+    """How many tokens the model can read (None: no known limit). Models that number positions
+    after the padding index (RoBERTa: 514 embeddings, 512 usable) lose ``pad_token_id + 1``."""
+    text_config = hf_config.get_text_config()
+    n = getattr(text_config, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if getattr(hf_config, "model_type", "") in _OWN_POSITIONS:
+        pad = getattr(text_config, "pad_token_id", None) or 0
+        n -= pad + 1
+    return n
+
+
+def resolve_max_length(cfg: HFTextConfig, hf_config: Any) -> int:
+    """`max_length`, or 512 capped at the model's position limit; a value above the limit would
+    fail inside the model on the first long text, so it is an error here."""
+    limit = position_limit(hf_config)
+    if cfg.max_length is None:
+        return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError([
+            f"max_length: {cfg.max_length} is more than the {limit} positions the model at "
+            f"{cfg.path} can read; set max_length to at most {limit} (or leave it unset)."
+        ])
+    return cfg.max_length
 
 
 class HFTextBackbone(Backbone):
@@ -90,7 +122,8 @@ class HFTextBackbone(Backbone):
             # Decoder tokenizers often have no pad token; padded positions are masked anyway.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         side = cfg.padding_side or tokenizer.padding_side
-        self._processor = HFTextProcessor(tokenizer, cfg, side)
+        self._processor = HFTextProcessor(tokenizer, cfg, side,
+                                          resolve_max_length(cfg, hf_config))
         self.appends_eos = bool(cfg.append_eos and tokenizer.eos_token)
         model = build_hf_model(AutoModel, cfg, config=hf_config)
         emb_prefix = self._embedding_prefix(model)
