@@ -121,3 +121,28 @@ def test_zero3_lora_on_every_tower(tmp_path: Path, data: Path) -> None:
     weights = _weights(tmp_path / "z3")
     assert any("vision_tower" in n for n in weights)
     _assert_close(weights, _weights(tmp_path / "torch"), 1e-5)
+
+
+def _backbone_worker(rank: int, world: int, out: str, data: str, engine: str, name: str,
+                     path: str) -> None:
+    extra: dict[str, Any] = {"engine": engine}
+    if engine == "deepspeed":
+        extra["deepspeed"] = {"zero_optimization": {"stage": 3}}
+    overrides = [*LORA, f"model.backbone.name={name}", f"model.backbone.path={path}"]
+    loaded = tiny_recipe(TINY, data, out, overrides=overrides, steps=2, batch_size=3,
+                         grad_cache=GC, save_every=2, **extra)
+    train(loaded, echo=lambda s: None, evaluate=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["qwen2_vl", "clip"])
+def test_zero3_mixed_modalities_other_backbones(tmp_path: Path, data: Path, name: str) -> None:
+    """The uniform forward of the other multimodal backbones: ZeRO-3 on mixed batches trains what
+    the torch engine does."""
+    from mmemb.testing import make_tiny_clip, make_tiny_qwen2_vl
+
+    maker = make_tiny_qwen2_vl if name == "qwen2_vl" else make_tiny_clip
+    path = str(maker(tmp_path / "model", weights=True, seed=0))
+    for engine in ("torch", "deepspeed"):
+        run_workers(_backbone_worker, 2, str(tmp_path / engine), str(data), engine, name, path)
+    _assert_close(_weights(tmp_path / "deepspeed"), _weights(tmp_path / "torch"), 1e-5)

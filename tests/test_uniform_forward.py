@@ -64,7 +64,7 @@ def _run(backbone: Any, items: list[Item]) -> Any:
     return backbone(backbone.processor(items, side="query"))
 
 
-def _called_modules(backbone: Any, items: list[Item]) -> list[str]:
+def _called_modules(backbone: Any, items: list[Item], *, grad: bool = False) -> list[str]:
     """Names of the modules holding their own parameters, in the order the forward enters them."""
     calls: list[str] = []
     handles = [
@@ -73,7 +73,7 @@ def _called_modules(backbone: Any, items: list[Item]) -> list[str]:
         if next(module.parameters(recurse=False), None) is not None
     ]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             _run(backbone, items)
     finally:
         for h in handles:
@@ -153,3 +153,20 @@ def test_forward_equals_the_hf_models_forward(name: str, tmp_path: Path) -> None
         theirs = core(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                       use_cache=False, **kwargs).last_hidden_state
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_training_runs_a_trainable_tower_the_batch_does_not_use(
+    name_and_dir: tuple[str, Path]
+) -> None:
+    """Without a uniform forward, a text-only batch still reaches a *trainable* vision tower while
+    gradients are on (else a chunk's embeddings can depend on no trainable weight, and ranks
+    exchange gradients of different parameter sets); a frozen tower, or inference, skips it."""
+    name = name_and_dir[0]
+    backbone = _backbone(name_and_dir, uniform=False)
+    assert any(VISION[name] in n for n in _called_modules(backbone, TEXT, grad=True))
+    assert not any(VISION[name] in n for n in _called_modules(backbone, TEXT, grad=False))
+    for n, p in backbone.named_parameters():
+        if VISION[name] in n or "projector" in n or "projection" in n or "merger" in n \
+                or "image_newline" in n:
+            p.requires_grad_(False)
+    assert not any(VISION[name] in n for n in _called_modules(backbone, TEXT, grad=True))

@@ -31,6 +31,7 @@ from mmemb_hf.common import (
     item_instruction,
     load_or_fail,
     maybe_load_adapter,
+    needs_placeholder,
     save_hf_model,
     tower_regexes,
     unwrap_peft,
@@ -136,9 +137,14 @@ class ClipBackbone(Backbone):
         self._processor = ClipProcessor(tokenizer, image_processor, cfg, padding)
         model = build_hf_model(getattr(transformers, SUPPORTED[model_type]), cfg,
                                config=hf_config)
-        for name, param in model.named_parameters():
-            if name in ("logit_scale", "logit_bias"):  # scores between towers: unused here
-                param.requires_grad_(False)
+        # Scores between towers: unused by an embedding backbone, so never trained. Held as
+        # buffers (same state-dict keys, so checkpoints are unchanged): DeepSpeed cannot
+        # broadcast a 0-dim *parameter* across ranks ("cannot view Float as Byte").
+        for name in ("logit_scale", "logit_bias"):
+            param = getattr(model, name, None)
+            if isinstance(param, torch.nn.Parameter):
+                delattr(model, name)
+                model.register_buffer(name, param.detach().clone())
         freeze_modules(model, cfg.freeze, PARTS, backbone="clip")
         self.model: Any = maybe_load_adapter(model, cfg.path)
         self._placeholder: dict[str, torch.Tensor] | None = None
@@ -184,7 +190,8 @@ class ClipBackbone(Backbone):
                 input_ids=inputs["input_ids"][has_text],
                 attention_mask=inputs["attention_mask"][has_text],
             ))
-        elif self.uniform_forward:
+        elif needs_placeholder(self.uniform_forward, model.text_model,
+                                 getattr(model, "text_projection", None)):
             blank = self._placeholders(device)
             unused.append(_features(model.get_text_features(
                 input_ids=blank["input_ids"], attention_mask=blank["attention_mask"])))
@@ -192,7 +199,8 @@ class ClipBackbone(Backbone):
         if bool(has_image.any()):
             image = _features(model.get_image_features(
                 pixel_values=inputs["pixel_values"][has_image].to(dtype)))
-        elif self.uniform_forward:
+        elif needs_placeholder(self.uniform_forward, model.vision_model,
+                               getattr(model, "visual_projection", None)):
             blank = self._placeholders(device)
             unused.append(_features(model.get_image_features(
                 pixel_values=blank["pixel_values"].to(dtype))))

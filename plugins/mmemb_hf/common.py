@@ -462,3 +462,25 @@ def zero_from(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     import torch
 
     return sum((t.float().sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))
+
+
+def needs_placeholder(uniform: bool, *parts: Any) -> bool:
+    """Whether a forward must run a tower the batch has no input for: always under a uniform
+    forward (ZeRO-3), and while training when the tower has trainable weights -- otherwise a
+    chunk's embeddings may depend on no trainable weight at all (CLIP with LoRA on the text tower
+    and an image-only GradCache chunk), its backward fails, and data-parallel ranks would
+    exchange gradients for different parameter sets. `parts` are the tower's modules and
+    parameters (None entries are skipped)."""
+    import torch
+
+    if uniform:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for part in parts:
+        if part is None:
+            continue
+        params = [part] if isinstance(part, torch.nn.Parameter) else part.parameters()
+        if any(p.requires_grad for p in params):
+            return True
+    return False

@@ -37,6 +37,7 @@ from mmemb_hf.common import (
     limit_image_side,
     load_or_fail,
     maybe_load_adapter,
+    needs_placeholder,
     pad_rows,
     pooled_features,
     render_content,
@@ -344,7 +345,8 @@ class LlavaOnevisionBackbone(Backbone):
                                          inputs["image_sizes"][has_image])
             embeds = scatter_image_features(embeds, input_ids == self._processor.image_token_id,
                                             feats)
-        elif self.uniform_forward:
+        elif needs_placeholder(self.uniform_forward, core.vision_tower,
+                               core.multi_modal_projector, core.image_newline):
             feats = self._image_features(core, *self._placeholder_image(embeds.device))
             embeds = embeds + zero_from(feats).to(embeds.dtype)
         out = core(

@@ -36,6 +36,7 @@ from mmemb_hf.common import (
     freeze_modules,
     load_or_fail,
     maybe_load_adapter,
+    needs_placeholder,
     pad_rows,
     pooled_features,
     render_content,
@@ -235,7 +236,7 @@ class Qwen2VLBackbone(Backbone):
             patches = torch.cat([r[:c] for r, c in zip(rows, counts, strict=True)])
             feats = pooled_features(core.get_image_features(patches, grid))
             embeds = scatter_image_features(embeds, input_ids == self._image_token_id, feats)
-        elif self.uniform_forward:
+        elif needs_placeholder(self.uniform_forward, core.visual):
             feats = pooled_features(core.get_image_features(*self._placeholder_image(
                 embeds.device)))
             embeds = embeds + zero_from(feats).to(embeds.dtype)

@@ -17,6 +17,7 @@ of the step used it on any rank, so the averaged gradients are the full-batch on
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -60,6 +61,15 @@ def load_trainable(encoder: torch.nn.Module, path: Path) -> None:
             p.copy_(saved[name].to(p.device, p.dtype))
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """Every rank builds the same model from the same seed and its buffers are constants: no
+    broadcast before each forward (torch >= 2.13 spells it `forward_sync_buffers`)."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class EncodeSides(torch.nn.Module):
     """Encodes several batches in one call: under DDP, one forward for the step's one backward."""
 
@@ -93,8 +103,7 @@ class TorchEngine(Engine):
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
-                # Every rank builds the same model from the same seed; its buffers are constants.
-                broadcast_buffers=False,
+                **_no_buffer_sync(),
             )
             self.model = self.ddp
 
