@@ -21,6 +21,7 @@ import inspect
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,7 +62,7 @@ def load_trainable(encoder: torch.nn.Module, path: Path) -> None:
             p.copy_(saved[name].to(p.device, p.dtype))
 
 
-def _no_buffer_sync() -> dict[str, bool]:
+def _no_buffer_sync() -> dict[str, Any]:
     """Every rank builds the same model from the same seed and its buffers are constants: no
     broadcast before each forward (torch >= 2.13 spells it `forward_sync_buffers`)."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
