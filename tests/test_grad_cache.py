@@ -23,12 +23,14 @@ TINY = str(ROOT / "recipes" / "tiny" / "llava-onevision")
 NEG = 2
 
 
-def make_encoder(*, lora: bool, dropout: float = 0.0) -> Encoder:
+def make_encoder(*, lora: bool, dropout: float = 0.0,
+                 towers: tuple[str, ...] = ("language",)) -> Encoder:
     enc = build_encoder({"name": "llava_onevision", "path": TINY, "init": "random", "seed": 3},
                         {"name": "last_token"})
     if lora:
         torch.manual_seed(0)  # peft draws lora_A from the global generator
-        apply_lora(enc.backbone, LoraSpec.model_validate({"r": 4, "dropout": dropout}))
+        apply_lora(enc.backbone, LoraSpec.model_validate({"r": 4, "dropout": dropout,
+                                                          "towers": list(towers)}))
     return enc.double()
 
 
@@ -118,6 +120,33 @@ def test_grad_cache_replays_dropout() -> None:
                     device=torch.device("cpu"))
     other = grads(enc)
     assert any(not torch.allclose(other[n], reference[n]) for n in reference)
+
+
+def test_grad_cache_dropout_with_a_trainable_vision_tower_and_text_only_chunks() -> None:
+    """Vision adapters are trainable, so a text-only chunk runs the vision tower on a placeholder
+    -- but only with a graph (the replay), not in the no-graph first pass. The placeholder must
+    not draw from the random streams, or the replay's dropout masks would differ from the first
+    pass's and the cached gradients would be wrong."""
+    enc = make_encoder(lora=True, dropout=0.3, towers=("language", "vision"))
+    enc.train()
+    batch = make_batch(enc, 8, 4)  # queries alternate text / image: chunks of 1 are text-only
+    rw = ega()
+
+    def loss_fn(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(q, c, batch.targets, temperature=0.05, reweighter=rw)
+
+    torch.manual_seed(11)
+    qs = [enc(x) for x in split_inputs(batch.query, 1)]
+    cs = [enc(x) for x in split_inputs(batch.candidates, 2)]
+    loss_fn(torch.cat(qs), torch.cat(cs)).backward()
+    reference = grads(enc)
+    assert any("vision_tower" in n for n in reference)
+    enc.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    grad_cache_step(lambda x, last: enc(x), lambda s, last: s.backward(), batch.query,
+                    batch.candidates, loss_fn, query_chunk=1, candidate_chunk=2,
+                    device=torch.device("cpu"))
+    assert_same_grads(grads(enc), reference)
 
 
 def test_split_inputs_refuses_ragged_batches() -> None:

@@ -32,6 +32,7 @@ from mmemb_hf.common import (
     load_or_fail,
     maybe_load_adapter,
     needs_placeholder,
+    placeholder_rng,
     save_hf_model,
     tower_regexes,
     unwrap_peft,
@@ -193,8 +194,9 @@ class ClipBackbone(Backbone):
         elif needs_placeholder(self.uniform_forward, model.text_model,
                                  getattr(model, "text_projection", None)):
             blank = self._placeholders(device)
-            unused.append(_features(model.get_text_features(
-                input_ids=blank["input_ids"], attention_mask=blank["attention_mask"])))
+            with placeholder_rng(device):
+                unused.append(_features(model.get_text_features(
+                    input_ids=blank["input_ids"], attention_mask=blank["attention_mask"])))
         dtype = next(model.vision_model.parameters()).dtype
         if bool(has_image.any()):
             image = _features(model.get_image_features(
@@ -202,8 +204,9 @@ class ClipBackbone(Backbone):
         elif needs_placeholder(self.uniform_forward, model.vision_model,
                                getattr(model, "visual_projection", None)):
             blank = self._placeholders(device)
-            unused.append(_features(model.get_image_features(
-                pixel_values=blank["pixel_values"].to(dtype))))
+            with placeholder_rng(device):
+                unused.append(_features(model.get_image_features(
+                    pixel_values=blank["pixel_values"].to(dtype))))
         ref = text if text is not None else image
         assert ref is not None, "every item has text or an image"
         t_full = torch.zeros((n, ref.shape[-1]), dtype=ref.dtype, device=device)

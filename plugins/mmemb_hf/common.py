@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -484,3 +485,13 @@ def needs_placeholder(uniform: bool, *parts: Any) -> bool:
         if any(p.requires_grad for p in params):
             return True
     return False
+
+
+def placeholder_rng(device: torch.device) -> AbstractContextManager[object]:
+    """Run a placeholder forward without drawing from the global random streams: it runs only
+    while gradients are on, so GradCache's no-grad first pass skips it, and its dropout draws
+    would otherwise shift the replayed chunk's masks away from the first pass's. (Its output is
+    multiplied by zero, so its own masks do not matter.)"""
+    import torch
+
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

@@ -39,6 +39,7 @@ from mmemb_hf.common import (
     maybe_load_adapter,
     needs_placeholder,
     pad_rows,
+    placeholder_rng,
     pooled_features,
     render_content,
     save_hf_model,
@@ -347,7 +348,8 @@ class LlavaOnevisionBackbone(Backbone):
                                             feats)
         elif needs_placeholder(self.uniform_forward, core.vision_tower,
                                core.multi_modal_projector, core.image_newline):
-            feats = self._image_features(core, *self._placeholder_image(embeds.device))
+            with placeholder_rng(embeds.device):
+                feats = self._image_features(core, *self._placeholder_image(embeds.device))
             embeds = embeds + zero_from(feats).to(embeds.dtype)
         out = core(
             inputs_embeds=embeds,

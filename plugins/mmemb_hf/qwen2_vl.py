@@ -38,6 +38,7 @@ from mmemb_hf.common import (
     maybe_load_adapter,
     needs_placeholder,
     pad_rows,
+    placeholder_rng,
     pooled_features,
     render_content,
     save_hf_model,
@@ -237,8 +238,9 @@ class Qwen2VLBackbone(Backbone):
             feats = pooled_features(core.get_image_features(patches, grid))
             embeds = scatter_image_features(embeds, input_ids == self._image_token_id, feats)
         elif needs_placeholder(self.uniform_forward, core.visual):
-            feats = pooled_features(core.get_image_features(*self._placeholder_image(
-                embeds.device)))
+            with placeholder_rng(embeds.device):
+                feats = pooled_features(core.get_image_features(*self._placeholder_image(
+                    embeds.device)))
             embeds = embeds + zero_from(feats).to(embeds.dtype)
         out = core(
             inputs_embeds=embeds,
