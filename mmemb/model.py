@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mmemb.data.schema import Item
+from mmemb.errors import MmembError
 
 Side = Literal["query", "target"]
 """Which side of a pair an item is on; backbones may prompt the two sides differently."""
@@ -45,6 +46,42 @@ class InputProcessor(abc.ABC):
     @abc.abstractmethod
     def save_pretrained(self, path: str | Path) -> None:
         """Write the files needed to rebuild this processor next to the model."""
+
+    def split(self, inputs: ModelInputs, size: int) -> list[ModelInputs]:
+        """Split a processed batch into chunks of `size` items (GradCache's chunks).
+
+        The default slices every tensor's rows. A processor whose padding can be dropped per
+        chunk overrides it (see `trim_padding`): a chunk of short texts from a batch padded to a
+        long image prompt then costs its own length, not the batch's."""
+        return split_rows(inputs, size)
+
+
+class ChunkingError(MmembError):
+    """A processed batch cannot be split into chunks as `train.grad_cache` asks."""
+
+
+def split_rows(inputs: ModelInputs, size: int) -> list[ModelInputs]:
+    """Slices of `size` rows of every tensor (each must have one row per item)."""
+    sizes = {k: v.shape[0] for k, v in inputs.items()}
+    n = next(iter(sizes.values()))
+    if any(s != n for s in sizes.values()):
+        raise ChunkingError(
+            f"train.grad_cache: the backbone's inputs do not have one row per item ({sizes}), so "
+            "they cannot be chunked. Drop train.grad_cache for this backbone."
+        )
+    return [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, n, size)]
+
+
+def trim_padding(inputs: ModelInputs, token_keys: Sequence[str]) -> ModelInputs:
+    """`inputs` without the columns that are padding in every row (by ``attention_mask``), for
+    the (N, L) tensors named in `token_keys`. Rows whose position ids come from the mask (left
+    or right padding) compute the same hidden states trimmed or not."""
+    mask = inputs["attention_mask"].bool().any(dim=0)
+    used = mask.nonzero()
+    if used.numel() == 0 or bool(mask.all()):
+        return inputs
+    start, stop = int(used[0]), int(used[-1]) + 1
+    return {k: (v[:, start:stop] if k in token_keys else v) for k, v in inputs.items()}
 
 
 class Backbone(nn.Module, abc.ABC):

@@ -60,8 +60,11 @@ def ega() -> Any:
     return plugins.build("reweighter", "ega", alpha=1.0)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_grad_cache_gradients_equal_full_batch(lora: bool) -> None:
+@pytest.mark.parametrize(("lora", "trim"), [(False, False), (True, False), (True, True)],
+                         ids=["full", "lora", "lora-trimmed-chunks"])
+def test_grad_cache_gradients_equal_full_batch(lora: bool, trim: bool) -> None:
+    """`trim`: chunks made by the processor, which drops each chunk's all-padding columns (a
+    chunk then has its own length, not the batch's): the gradients are still the full batch's."""
     enc = make_encoder(lora=lora)
     batch = make_batch(enc, 0, 6)
     rw = ega()
@@ -80,9 +83,17 @@ def test_grad_cache_gradients_equal_full_batch(lora: bool) -> None:
         calls.append(last)
         surrogate.backward()
 
+    split = enc.processor.split if trim else split_inputs
+    # Text and image items alternate: chunks of one item make short text-only chunks.
+    q_chunk, c_chunk = (1, 1) if trim else (4, 5)
+    if trim:  # the trimming is real: some chunk is narrower than the batch
+        widths = [c["input_ids"].shape[1] for c in split(batch.candidates, c_chunk)]
+        assert min(widths) < batch.candidates["input_ids"].shape[1]
     out = grad_cache_step(lambda x, last: enc(x), backward, batch.query, batch.candidates, loss_fn,
-                          query_chunk=4, candidate_chunk=5, device=torch.device("cpu"))
-    assert calls == [False, False, False, False, False, True]  # 2 query + 4 candidate chunks
+                          query_chunk=q_chunk, candidate_chunk=c_chunk,
+                          device=torch.device("cpu"), split=split)
+    n_chunks = -(-6 // q_chunk) + -(-6 * (1 + NEG) // c_chunk)  # 6 queries
+    assert calls == [False] * (n_chunks - 1) + [True]
     torch.testing.assert_close(out.loss, loss.detach())
     assert_same_grads(grads(enc), reference)
     if lora:  # only the adapters learn
@@ -208,3 +219,18 @@ def test_two_processes_equal_one(tmp_path: Path, lora: bool, grad_cache: bool) -
     for name, ref in want.items():
         err = float((got[name] - ref).abs().max())
         assert err <= 1e-5 * float(ref.abs().max()) + 1e-12, (name, err, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_trim_padding_drops_only_all_padding_columns(side: str) -> None:
+    from mmemb.model import trim_padding
+
+    mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]) if side == "left" else \
+        torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    inputs = {"input_ids": torch.arange(8).view(2, 4), "attention_mask": mask,
+              "pixel_values": torch.zeros(2, 3)}
+    out = trim_padding(inputs, ("input_ids", "attention_mask"))
+    keep = slice(1, 4) if side == "left" else slice(0, 3)
+    assert torch.equal(out["input_ids"], inputs["input_ids"][:, keep])
+    assert torch.equal(out["attention_mask"], mask[:, keep])
+    assert out["pixel_values"] is inputs["pixel_values"]

@@ -23,29 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mmemb.errors import MmembError
-from mmemb.model import ModelInputs
+from mmemb.model import ChunkingError, ModelInputs, split_rows
 
-
-class ChunkingError(MmembError):
-    """The batch cannot be split into chunks as `train.grad_cache` asks."""
+__all__ = ["ChunkingError", "grad_cache_step", "split_inputs"]
 
 
 def split_inputs(inputs: ModelInputs, chunk: int) -> list[ModelInputs]:
-    """Split a processed batch into chunks of `chunk` items along the first dimension.
-
-    Every tensor of the batch must have one row per item (what `InputProcessor` promises unless a
-    backbone documents otherwise); slicing keeps the padding of the full batch, so each chunk
-    computes exactly what the full batch computes for its rows.
-    """
-    sizes = {k: v.shape[0] for k, v in inputs.items()}
-    n = next(iter(sizes.values()))
-    if any(s != n for s in sizes.values()):
-        raise ChunkingError(
-            f"train.grad_cache: the backbone's inputs do not have one row per item ({sizes}), so "
-            "they cannot be chunked. Drop train.grad_cache for this backbone."
-        )
-    return [{k: v[i : i + chunk] for k, v in inputs.items()} for i in range(0, n, chunk)]
+    """Row slices of a processed batch (`InputProcessor.split`'s default)."""
+    return split_rows(inputs, chunk)
 
 
 @dataclass
@@ -73,6 +58,8 @@ class RngState:
 
 
 LossOnEmbeddings = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Split = Callable[[ModelInputs, int], list[ModelInputs]]
+"""``split(inputs, size)``: chunks of a processed batch (`InputProcessor.split`)."""
 Forward = Callable[[Mapping[str, torch.Tensor], bool], torch.Tensor]
 """``forward(inputs, last)``: embeddings; `last` marks the forward whose backward ends the step
 (a data-parallel engine exchanges gradients only in that one)."""
@@ -100,13 +87,14 @@ def grad_cache_step(
     candidate_chunk: int,
     device: torch.device,
     check_loss: Callable[[torch.Tensor], None] | None = None,
+    split: Split = split_inputs,
 ) -> CachedStep:
     """One GradCache step: leaves the parameter gradients of ``loss_fn(encode(query),
     encode(candidates))`` accumulated through `forward` and `backward` (called once per chunk, the
     last chunk's calls with ``last=True``). `check_loss` sees the loss before any backward (to
-    stop on NaN)."""
-    chunks = [(c, "q") for c in split_inputs(query, query_chunk)]
-    chunks += [(c, "c") for c in split_inputs(candidates, candidate_chunk)]
+    stop on NaN). `split` chunks the inputs (the processor's, which may trim padding)."""
+    chunks = [(c, "q") for c in split(query, query_chunk)]
+    chunks += [(c, "c") for c in split(candidates, candidate_chunk)]
     states: list[RngState] = []
     embs: list[torch.Tensor] = []
     with torch.no_grad():

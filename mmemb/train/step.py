@@ -61,7 +61,7 @@ def compute_step(
             lambda loss, last: engine.backward(loss, last=last),
             batch.query, batch.candidates, loss_fn,
             query_chunk=gc.query_chunk, candidate_chunk=gc.candidate_chunk,
-            device=engine.device, check_loss=check_loss,
+            device=engine.device, check_loss=check_loss, split=engine.encoder.processor.split,
         )
         return StepResult(out.loss, out.q, out.c)
     q, c = engine.forward_pair(batch.query, batch.candidates)

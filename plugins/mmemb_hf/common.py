@@ -495,3 +495,16 @@ def placeholder_rng(device: torch.device) -> AbstractContextManager[object]:
     import torch
 
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+"""The (N, L) token-aligned tensors of the text-prompt processors."""
+
+
+def split_trimmed(inputs: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """`InputProcessor.split` for processors whose rows compute the same hidden states however
+    much padding they carry (position ids from the attention mask): each chunk drops the columns
+    that are padding in all of its rows."""
+    from mmemb.model import split_rows, trim_padding
+
+    return [trim_padding(chunk, TOKEN_KEYS) for chunk in split_rows(inputs, size)]

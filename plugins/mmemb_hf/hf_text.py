@@ -28,6 +28,7 @@ from mmemb_hf.common import (
     maybe_load_adapter,
     render_content,
     save_hf_model,
+    split_trimmed,
     truncate_text,
     unwrap_peft,
 )
@@ -72,6 +73,10 @@ class HFTextProcessor(InputProcessor):
         )
         return {k: v for k, v in enc.items()
                 if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def split(self, inputs: ModelInputs, size: int) -> list[ModelInputs]:
+        # Positions come from the attention mask: a chunk can drop its all-padding columns.
+        return split_trimmed(inputs, size)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(path)

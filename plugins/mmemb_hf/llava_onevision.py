@@ -44,6 +44,7 @@ from mmemb_hf.common import (
     render_content,
     save_hf_model,
     scatter_image_features,
+    split_trimmed,
     tower_regexes,
     truncate_text,
     unwrap_peft,
@@ -216,6 +217,10 @@ class LlavaOnevisionProcessor(InputProcessor):
             out["pixel_values"] = pixel_values
             out["image_sizes"] = image_sizes
         return out
+
+    def split(self, inputs: ModelInputs, size: int) -> list[ModelInputs]:
+        # Positions come from the attention mask: a chunk can drop its all-padding columns.
+        return split_trimmed(inputs, size)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(path)

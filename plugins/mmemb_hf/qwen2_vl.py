@@ -43,6 +43,7 @@ from mmemb_hf.common import (
     render_content,
     save_hf_model,
     scatter_image_features,
+    split_trimmed,
     tower_regexes,
     truncate_text,
     unwrap_peft,
@@ -137,6 +138,10 @@ class Qwen2VLProcessor(InputProcessor):
             batch["pixel_values"] = pixel_values
             batch["image_grid_thw"] = grid_thw
         return batch
+
+    def split(self, inputs: ModelInputs, size: int) -> list[ModelInputs]:
+        # Positions come from the attention mask: a chunk can drop its all-padding columns.
+        return split_trimmed(inputs, size)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.tokenizer.save_pretrained(path)
