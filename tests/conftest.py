@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from collections.abc import Iterator  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -23,3 +25,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def hf_plugins_only() -> Iterator[None]:
+    """Only the mmemb_hf plugin registered: a backbone test must not depend on other plugins
+    importing cleanly. Use with ``pytestmark = pytest.mark.usefixtures("hf_plugins_only")``."""
+    import mmemb_hf
+
+    from mmemb.testing import only_plugins
+
+    with only_plugins(mmemb_hf):
+        yield

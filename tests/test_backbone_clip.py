@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import DataError
 from mmemb.lora import LoraSpec, apply_lora, merge_lora
 from mmemb.model import Encoder
-from mmemb.testing import make_tiny_clip, only_plugins, shape_png
+from mmemb.testing import make_tiny_clip, shape_png
 
 RED = shape_png("red", "circle")
 TEXT = [Item(text="a red circle above a blue square"), Item(text="green")]
@@ -24,12 +23,7 @@ MIXED = [Item(text="a red circle"), Item(image=RED),
          Item(text="a red circle", image=RED, instruction="Represent the given image.")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _hf_plugins() -> Iterator[None]:
-    import mmemb_hf
-
-    with only_plugins(mmemb_hf):
-        yield
+pytestmark = pytest.mark.usefixtures("hf_plugins_only")
 
 
 @pytest.fixture(scope="module")

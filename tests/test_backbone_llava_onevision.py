@@ -14,18 +14,12 @@ from mmemb.data.schema import Item
 from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import ConfigError, DataError, MmembError
 from mmemb.model import Encoder
-from mmemb.testing import make_tiny_llava_onevision, only_plugins, shape_png
+from mmemb.testing import make_tiny_llava_onevision, shape_png
 
 NAME = "llava_onevision"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _hf_plugins() -> Any:
-    # Only this plugin: the test must not depend on other plugins importing cleanly.
-    import mmemb_hf
-
-    with only_plugins(mmemb_hf):
-        yield
+pytestmark = pytest.mark.usefixtures("hf_plugins_only")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import ConfigError, DataError
 from mmemb.lora import LoraSpec, apply_lora, merge_lora
 from mmemb.model import Encoder
-from mmemb.testing import make_tiny_llava_onevision, make_tiny_qwen2_vl, only_plugins, shape_png
+from mmemb.testing import make_tiny_llava_onevision, make_tiny_qwen2_vl, shape_png
 
 TEXT = [Item(text="a red circle above a blue square"), Item(text="green")]
 IMAGES = [Item(image=shape_png("red", "circle")), Item(image=shape_png("blue", "square"))]
@@ -28,12 +27,7 @@ MIXED = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _hf_plugins() -> Iterator[None]:
-    import mmemb_hf
-
-    with only_plugins(mmemb_hf):
-        yield
+pytestmark = pytest.mark.usefixtures("hf_plugins_only")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,9 @@ from mmemb.encode import encode_items
 from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import DataError
 from mmemb.model import Encoder
-from mmemb.testing import make_tiny_llava_onevision, only_plugins, shape_png
+from mmemb.testing import make_tiny_llava_onevision, shape_png
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _hf_plugins() -> Iterator[None]:
-    import mmemb_hf
-
-    with only_plugins(mmemb_hf):
-        yield
+pytestmark = pytest.mark.usefixtures("hf_plugins_only")
 
 
 @pytest.fixture(scope="module")

@@ -100,36 +100,38 @@ def test_grad_cache_gradients_equal_full_batch(lora: bool, trim: bool) -> None:
         assert all("lora_" in n for n in reference)
 
 
-def test_grad_cache_replays_dropout() -> None:
-    """With LoRA dropout the re-run must draw the masks of the first (no-graph) pass: the reference
-    embeds the same chunks with a graph from the same RNG state."""
-    enc = make_encoder(lora=True, dropout=0.3)
-    enc.train()
-    batch = make_batch(enc, 8, 4)
+def _dropout_grads(enc: Encoder, batch: Batch, q_chunk: int, c_chunk: int,
+                   seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(reference, GradCache) gradients from RNG state `seed`: the reference embeds the same
+    chunks with a graph, so its dropout masks are those GradCache's first pass must draw."""
     rw = ega()
 
     def loss_fn(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return contrastive_loss(q, c, batch.targets, temperature=0.05, reweighter=rw)
 
-    torch.manual_seed(11)
-    qs = [enc(x) for x in split_inputs(batch.query, 3)]
-    cs = [enc(x) for x in split_inputs(batch.candidates, 5)]
+    enc.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    qs = [enc(x) for x in split_inputs(batch.query, q_chunk)]
+    cs = [enc(x) for x in split_inputs(batch.candidates, c_chunk)]
     loss_fn(torch.cat(qs), torch.cat(cs)).backward()
     reference = grads(enc)
     enc.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    grad_cache_step(lambda x, last: enc(x), lambda s, last: s.backward(), batch.query,
+                    batch.candidates, loss_fn, query_chunk=q_chunk, candidate_chunk=c_chunk,
+                    device=torch.device("cpu"))
+    return reference, grads(enc)
 
-    torch.manual_seed(11)
-    grad_cache_step(lambda x, last: enc(x), lambda s, last: s.backward(), batch.query,
-                    batch.candidates, loss_fn, query_chunk=3, candidate_chunk=5,
-                    device=torch.device("cpu"))
-    assert_same_grads(grads(enc), reference)
+
+def test_grad_cache_replays_dropout() -> None:
+    """With LoRA dropout the re-run must draw the masks of the first (no-graph) pass."""
+    enc = make_encoder(lora=True, dropout=0.3)
+    enc.train()
+    batch = make_batch(enc, 8, 4)
+    reference, cached = _dropout_grads(enc, batch, 3, 5, seed=11)
+    assert_same_grads(cached, reference)
     # and the masks matter: another RNG state gives other gradients
-    enc.zero_grad(set_to_none=True)
-    torch.manual_seed(12)
-    grad_cache_step(lambda x, last: enc(x), lambda s, last: s.backward(), batch.query,
-                    batch.candidates, loss_fn, query_chunk=3, candidate_chunk=5,
-                    device=torch.device("cpu"))
-    other = grads(enc)
+    _, other = _dropout_grads(enc, batch, 3, 5, seed=12)
     assert any(not torch.allclose(other[n], reference[n]) for n in reference)
 
 
@@ -141,23 +143,9 @@ def test_grad_cache_dropout_with_a_trainable_vision_tower_and_text_only_chunks()
     enc = make_encoder(lora=True, dropout=0.3, towers=("language", "vision"))
     enc.train()
     batch = make_batch(enc, 8, 4)  # queries alternate text / image: chunks of 1 are text-only
-    rw = ega()
-
-    def loss_fn(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return contrastive_loss(q, c, batch.targets, temperature=0.05, reweighter=rw)
-
-    torch.manual_seed(11)
-    qs = [enc(x) for x in split_inputs(batch.query, 1)]
-    cs = [enc(x) for x in split_inputs(batch.candidates, 2)]
-    loss_fn(torch.cat(qs), torch.cat(cs)).backward()
-    reference = grads(enc)
+    reference, cached = _dropout_grads(enc, batch, 1, 2, seed=11)
     assert any("vision_tower" in n for n in reference)
-    enc.zero_grad(set_to_none=True)
-    torch.manual_seed(11)
-    grad_cache_step(lambda x, last: enc(x), lambda s, last: s.backward(), batch.query,
-                    batch.candidates, loss_fn, query_chunk=1, candidate_chunk=2,
-                    device=torch.device("cpu"))
-    assert_same_grads(grads(enc), reference)
+    assert_same_grads(cached, reference)
 
 
 def test_split_inputs_refuses_ragged_batches() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import ConfigError
 from mmemb.lora import LoraSpec, apply_lora, has_lora, lora_target_regex, merge_lora
 from mmemb.model import Encoder
-from mmemb.testing import make_tiny_llava_onevision, only_plugins, shape_png
+from mmemb.testing import make_tiny_llava_onevision, shape_png
 
 BATCH = [
     Item(text="a red circle above a blue square"),
@@ -26,12 +25,7 @@ BATCH = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _hf_plugins() -> Iterator[None]:
-    import mmemb_hf
-
-    with only_plugins(mmemb_hf):
-        yield
+pytestmark = pytest.mark.usefixtures("hf_plugins_only")
 
 
 @pytest.fixture(scope="module")

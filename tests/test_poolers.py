@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from mmemb_hf.poolers import (
@@ -17,17 +15,11 @@ from mmemb_hf.poolers import (
 
 from mmemb import plugins
 from mmemb.errors import ConfigError
-from mmemb.testing import only_plugins
 
 LENGTHS = [5, 2, 7, 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _hf_plugins() -> Iterator[None]:
-    import mmemb_hf
-
-    with only_plugins(mmemb_hf):
-        yield
+pytestmark = pytest.mark.usefixtures("hf_plugins_only")
 
 H = 6
 

@@ -4,7 +4,7 @@ Also: the multimodal backbones' own forward computes what the HF model's forward
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from mmemb.testing import (
     make_tiny_clip,
     make_tiny_llava_onevision,
     make_tiny_qwen2_vl,
-    only_plugins,
     shape_png,
 )
 
@@ -37,12 +36,7 @@ MAKERS: dict[str, Callable[..., Path]] = {
 VISION = {"llava_onevision": "vision_tower", "qwen2_vl": "visual", "clip": "vision_model"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _hf_plugins() -> Iterator[None]:
-    import mmemb_hf
-
-    with only_plugins(mmemb_hf):
-        yield
+pytestmark = pytest.mark.usefixtures("hf_plugins_only")
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))
