@@ -68,28 +68,34 @@ def read_items(
 class EmbeddingWriter(Protocol):
     def write(self, ids: list[str], emb: np.ndarray) -> None: ...
     def close(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class NpyWriter:
     """Collects the rows (a .npy header needs the row count) and saves them at `close`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dim: int) -> None:
         self.path = path
+        self.dim = dim
         self.parts: list[np.ndarray] = []
 
     def write(self, ids: list[str], emb: np.ndarray) -> None:
         self.parts.append(emb)
 
     def close(self) -> None:
-        emb = np.concatenate(self.parts) if self.parts else np.zeros((0, 0), np.float32)
+        emb = np.concatenate(self.parts) if self.parts else np.zeros((0, self.dim), np.float32)
         with open(self.path, "wb") as fh:  # np.save on a path would append ".npy"
             np.save(fh, emb)
+
+    def abort(self) -> None:
+        self.parts.clear()
 
 
 class ParquetWriter:
     """Writes one row group per call: ids and fixed-size float32 embedding lists."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dim: int) -> None:
+        self.dim = dim
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -114,9 +120,14 @@ class ParquetWriter:
         if self.writer is None:  # no items: an empty file with the schema
             pa = self.pa
             schema = pa.schema([("id", pa.string()),
-                                ("embedding", pa.list_(pa.float32(), 0))])
+                                ("embedding", pa.list_(pa.float32(), self.dim))])
             self.writer = self.pq.ParquetWriter(str(self.path), schema)
         self.writer.close()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def check_format(out: Path) -> None:
@@ -125,9 +136,10 @@ def check_format(out: Path) -> None:
                         f"{' or '.join('*' + f for f in FORMATS)}")
 
 
-def open_writer(out: Path, tmp: Path) -> EmbeddingWriter:
+def open_writer(out: Path, tmp: Path, dim: int) -> EmbeddingWriter:
+    """A writer for `out`'s format that writes `tmp`; `dim` is the embedding width."""
     check_format(out)
-    return NpyWriter(tmp) if out.suffix == ".npy" else ParquetWriter(tmp)
+    return NpyWriter(tmp, dim) if out.suffix == ".npy" else ParquetWriter(tmp, dim)
 
 
 def encode_items(
@@ -147,7 +159,7 @@ def encode_items(
     encoder = load_encoder(model_dir)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = open_writer(out_path, tmp)
+    writer = open_writer(out_path, tmp, encoder.backbone.hidden_size)
     n = 0
     items = read_items(lines, source=source, image_root=image_root)
     try:
@@ -158,6 +170,9 @@ def encode_items(
             n += len(batch)
         writer.close()
         tmp.replace(out_path)
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return n

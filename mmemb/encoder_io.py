@@ -8,12 +8,13 @@ command (`eval`, `encode`, `mine`) reloads it with ``load_encoder(path)``.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mmemb import __version__, plugins
-from mmemb.errors import MmembError
+from mmemb.errors import ConfigError, MmembError
 from mmemb.model import Encoder
 
 ENCODER_FILE = "mmemb.json"
@@ -25,11 +26,20 @@ def build_encoder(
     *,
     normalize: bool = True,
     where: str = "model",
+    saved: bool = False,
 ) -> Encoder:
-    """Build backbone and pooler from ``{name: ..., <args>}`` specs (as in a recipe's `model`)."""
+    """Build backbone and pooler from ``{name: ..., <args>}`` specs (as in a recipe's `model`).
+
+    A pooler that cannot read the backbone is a `ConfigError` -- unless `saved` (reloading a
+    trained encoder): that loads as it was trained, with a warning."""
     bb = plugins.build_from("backbone", dict(backbone), where=f"{where}.backbone")
     pool = plugins.build_from("pooler", dict(pooler), where=f"{where}.pooler")
-    return Encoder(bb, pool, normalize=normalize)
+    if saved:
+        try:
+            pool.check_backbone(bb)
+        except ConfigError as exc:
+            warnings.warn(f"{where}: {exc} (loaded as saved)", stacklevel=2)
+    return Encoder(bb, pool, normalize=normalize, check=not saved)
 
 
 def save_encoder(
@@ -80,4 +90,5 @@ def load_encoder(path: str | Path, **backbone_overrides: Any) -> Encoder:
         spec["pooler"],
         normalize=spec.get("normalize", True),
         where=str(Path(path) / ENCODER_FILE),
+        saved=True,
     )

@@ -144,9 +144,13 @@ class Pooler(nn.Module, abc.ABC):
 class Encoder(nn.Module):
     """Backbone + pooler + optional L2 normalisation: items in, one embedding per item out."""
 
-    def __init__(self, backbone: Backbone, pooler: Pooler, *, normalize: bool = True) -> None:
+    def __init__(self, backbone: Backbone, pooler: Pooler, *, normalize: bool = True,
+                 check: bool = True) -> None:
+        """`check`: let the pooler refuse the backbone (`Pooler.check_backbone`); off when
+        reloading a saved encoder, which must load as it was trained."""
         super().__init__()
-        pooler.check_backbone(backbone)
+        if check:
+            pooler.check_backbone(backbone)
         self.backbone = backbone
         self.pooler = pooler
         self.normalize = normalize

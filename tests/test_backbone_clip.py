@@ -11,7 +11,7 @@ import torch
 from mmemb import plugins
 from mmemb.data.schema import Item
 from mmemb.encoder_io import load_encoder, save_encoder
-from mmemb.errors import DataError
+from mmemb.errors import ConfigError, DataError
 from mmemb.lora import LoraSpec, apply_lora, merge_lora
 from mmemb.model import Encoder
 from mmemb.testing import make_tiny_clip, shape_png
@@ -134,3 +134,11 @@ def test_one_training_step_reduces_the_infonce_loss(tiny_dir: Path) -> None:
 def test_errors(encoder: Encoder) -> None:
     with pytest.raises(DataError, match="cannot be decoded"):
         encoder.processor([Item(image=b"GIF89a-truncated")], side="query")
+
+
+def test_siglip2_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from transformers import Siglip2Config
+
+    Siglip2Config().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="siglip2.*pixel_attention_mask"):
+        plugins.build("backbone", "clip", path=str(tmp_path))

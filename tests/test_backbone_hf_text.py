@@ -154,3 +154,16 @@ def test_max_length_defaults_to_the_models_position_limit(bert_dir: Path) -> Non
     assert short.processor([Item(text=long_text)], side="query")["input_ids"].shape[1] == 16
     with pytest.raises(ConfigError, match=r"max_length: 1000 is more than the 128 positions"):
         plugins.build("backbone", "hf_text", path=str(bert_dir), max_length=1000)
+
+
+def test_position_limits_of_common_families() -> None:
+    """Learned absolute tables are hard limits (RoBERTa's starts after the padding index; BART
+    allocates its offset itself); rotary and relative positions only degrade past theirs."""
+    from mmemb_hf.hf_text import position_limit
+    from transformers import BartConfig, BertConfig, DebertaV2Config, Qwen2Config, RobertaConfig
+
+    assert position_limit(BertConfig()) == (512, True)
+    assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == (512, True)
+    assert position_limit(BartConfig()) == (1024, True)
+    assert position_limit(DebertaV2Config()) == (512, False)
+    assert position_limit(Qwen2Config()) == (32768, False)

@@ -190,6 +190,16 @@ def test_append_eos_and_eos_pooler(tiny_dir: Path) -> None:
         _encoder(tiny_dir, pooler="eos")
 
 
+def test_a_saved_eos_encoder_without_eos_still_loads(tiny_dir: Path, tmp_path: Path) -> None:
+    """Saved before `eos` checked its backbone: loads as it was trained, with a warning."""
+    enc = Encoder(_backbone(tiny_dir), plugins.build("pooler", "eos"), check=False)
+    out = save_encoder(enc, tmp_path / "enc", backbone={"name": NAME, "path": "unused"},
+                       pooler={"name": "eos"})
+    with pytest.warns(UserWarning, match="append_eos=true.*loaded as saved"):
+        again = load_encoder(out)
+    assert isinstance(again.pooler, type(enc.pooler))
+
+
 def test_bfloat16(tiny_dir: Path) -> None:
     bb = _backbone(tiny_dir, dtype="bfloat16")
     assert next(bb.parameters()).dtype == torch.bfloat16

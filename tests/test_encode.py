@@ -92,3 +92,13 @@ def test_a_bad_line_leaves_no_output(model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"items\.jsonl:4: unknown field"):
         encode_items(model_dir, lines, out, batch_size=2, source="items.jsonl")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_items_give_empty_outputs_of_the_right_width(model_dir: Path, tmp_path: Path) -> None:
+    width = load_encoder(model_dir).backbone.hidden_size
+    encode_items(model_dir, [], tmp_path / "e.npy")
+    assert np.load(tmp_path / "e.npy").shape == (0, width)
+    pq = pytest.importorskip("pyarrow.parquet")
+    encode_items(model_dir, [], tmp_path / "e.parquet")
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.num_rows == 0 and table.schema.field("embedding").type.list_size == width

@@ -164,3 +164,14 @@ def test_training_runs_a_trainable_tower_the_batch_does_not_use(
                 or "image_newline" in n:
             p.requires_grad_(False)
     assert not any(VISION[name] in n for n in _called_modules(backbone, TEXT, grad=True))
+
+
+def test_zero_from_is_zero_even_for_non_finite_features() -> None:
+    """An fp16 tower may overflow on the blank placeholder: 0 * inf would be NaN everywhere."""
+    from mmemb_hf.common import zero_from
+
+    feats = torch.tensor([1.0, float("inf"), float("nan")], requires_grad=True)
+    z = zero_from([feats])
+    assert float(z.detach()) == 0.0
+    z.backward()
+    assert feats.grad is not None and torch.isfinite(feats.grad).all()

@@ -40,7 +40,11 @@ from mmemb_hf.common import (
 )
 from mmemb_hf.configs import ClipConfig
 
-SUPPORTED = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
+SUPPORTED = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+UNSUPPORTED = {
+    "siglip2": "SigLIP2's image tower needs pixel_attention_mask and spatial_shapes (NaFlex "
+               "inputs), which this backbone does not produce yet",
+}
 
 PARTS: dict[str, list[str]] = {
     "vision": ["vision_model.", "visual_projection."],
@@ -124,6 +128,11 @@ class ClipBackbone(Backbone):
         check_path(cfg.path)
         hf_config = load_or_fail("model config", cfg.path, AutoConfig.from_pretrained)
         model_type = getattr(hf_config, "model_type", "?")
+        if model_type in UNSUPPORTED:
+            raise ConfigError([
+                f"path: {cfg.path} holds a '{model_type}' model: {UNSUPPORTED[model_type]}. Use "
+                f"a {' or '.join(SUPPORTED)} checkpoint."
+            ])
         if model_type not in SUPPORTED:
             raise ConfigError([
                 f"path: {cfg.path} holds a '{model_type}' model; backbone 'clip' reads "

@@ -7,6 +7,7 @@ that ``mmemb plugins list`` never loads a model library.
 
 from __future__ import annotations
 
+import inspect
 import io
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -427,6 +428,16 @@ def freeze_lm_head(model: Any) -> None:
         head.weight.requires_grad_(False)
 
 
+def image_features(get_image_features: Any, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    """Call an HF model's `get_image_features` and return its per-image features. Asks for an
+    output object (`return_dict=True`) where the method takes keyword arguments: under a config
+    with ``return_dict=False`` transformers 5 would otherwise return a plain tuple."""
+    params = inspect.signature(get_image_features).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD or p.name == "return_dict" for p in params):
+        kwargs["return_dict"] = True
+    return pooled_features(get_image_features(*args, **kwargs))
+
+
 def pooled_features(out: Any) -> list[torch.Tensor]:
     """The per-image features of a `get_image_features` call: transformers 5 returns an output
     object whose ``pooler_output`` holds them, 4.x the tensors (or a tuple of them) directly."""
@@ -462,7 +473,9 @@ def zero_from(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     output. Used by backbones under `require_uniform_forward`."""
     import torch
 
-    return sum((t.float().sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))
+    # nan_to_num: 0 * inf is NaN, and an fp16 tower may overflow on a blank input.
+    total = sum((t.float().sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))
+    return torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def needs_placeholder(uniform: bool, *parts: Any) -> bool:

@@ -85,26 +85,39 @@ class HFTextProcessor(InputProcessor):
 DEFAULT_MAX_LENGTH = 512
 
 
-def position_limit(hf_config: Any) -> int | None:
-    """How many tokens the model can read (None: no known limit). Models that number positions
-    after the padding index (RoBERTa: 514 embeddings, 512 usable) lose ``pad_token_id + 1``."""
+# Families whose position embeddings start after the padding index (RoBERTa: 514 embeddings,
+# 512 usable). BART also offsets by 2 but allocates max_position_embeddings + 2 rows itself.
+_PADDING_OFFSET_POSITIONS = _OWN_POSITIONS - {"bart"}
+# Families with a learned absolute position table, which fails past its end.
+_ABSOLUTE_POSITIONS = _OWN_POSITIONS | {"bert", "electra", "distilbert", "albert", "mpnet",
+                                        "ernie", "mbart", "gpt2", "opt"}
+
+
+def position_limit(hf_config: Any) -> tuple[int | None, bool]:
+    """(how many tokens the model reads, whether that is a hard limit). Hard: a learned absolute
+    position table (BERT, RoBERTa, BART, ...), which fails beyond its end. Rotary and relative
+    positions (Qwen2, DeBERTa-v3) only degrade beyond ``max_position_embeddings``. None: no limit
+    known."""
     text_config = hf_config.get_text_config()
     n = getattr(text_config, "max_position_embeddings", None)
     if not isinstance(n, int) or n <= 0:
-        return None
-    if getattr(hf_config, "model_type", "") in _OWN_POSITIONS:
+        return None, False
+    if getattr(hf_config, "model_type", "") in _PADDING_OFFSET_POSITIONS:
         pad = getattr(text_config, "pad_token_id", None) or 0
         n -= pad + 1
-    return n
+    model_type = getattr(hf_config, "model_type", "")
+    hard = (model_type in _ABSOLUTE_POSITIONS
+            or getattr(text_config, "position_embedding_type", None) == "absolute")
+    return n, hard
 
 
 def resolve_max_length(cfg: HFTextConfig, hf_config: Any) -> int:
-    """`max_length`, or 512 capped at the model's position limit; a value above the limit would
-    fail inside the model on the first long text, so it is an error here."""
-    limit = position_limit(hf_config)
+    """`max_length`, or 512 capped at the model's position limit. A value beyond a hard limit
+    would fail inside the model on the first long text, so it is an error here."""
+    limit, hard = position_limit(hf_config)
     if cfg.max_length is None:
         return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
-    if limit is not None and cfg.max_length > limit:
+    if hard and limit is not None and cfg.max_length > limit:
         raise ConfigError([
             f"max_length: {cfg.max_length} is more than the {limit} positions the model at "
             f"{cfg.path} can read; set max_length to at most {limit} (or leave it unset)."

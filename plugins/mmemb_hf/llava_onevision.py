@@ -33,6 +33,7 @@ from mmemb_hf.common import (
     expand_image_tokens,
     freeze_lm_head,
     freeze_modules,
+    image_features,
     left_padded_positions,
     limit_image_side,
     load_or_fail,
@@ -40,7 +41,6 @@ from mmemb_hf.common import (
     needs_placeholder,
     pad_rows,
     placeholder_rng,
-    pooled_features,
     render_content,
     save_hf_model,
     scatter_image_features,
@@ -331,12 +331,11 @@ class LlavaOnevisionBackbone(Backbone):
     def _image_features(self, core: Any, pixel_values: torch.Tensor,
                         image_sizes: torch.Tensor) -> list[torch.Tensor]:
         dtype = next(core.vision_tower.parameters()).dtype
-        out = core.get_image_features(
-            pixel_values.to(dtype), image_sizes,
+        return image_features(
+            core.get_image_features, pixel_values.to(dtype), image_sizes,
             vision_feature_layer=core.config.vision_feature_layer,
             vision_feature_select_strategy=core.config.vision_feature_select_strategy,
         )
-        return pooled_features(out)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> BackboneOutput:
         # The inner model's steps, in a fixed order: token embeddings, image features (scattered

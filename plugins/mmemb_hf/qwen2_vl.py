@@ -34,12 +34,12 @@ from mmemb_hf.common import (
     expand_image_tokens,
     freeze_lm_head,
     freeze_modules,
+    image_features,
     load_or_fail,
     maybe_load_adapter,
     needs_placeholder,
     pad_rows,
     placeholder_rng,
-    pooled_features,
     render_content,
     save_hf_model,
     scatter_image_features,
@@ -240,12 +240,12 @@ class Qwen2VLBackbone(Backbone):
             counts = grid.prod(-1).tolist()
             rows = inputs["pixel_values"][has_image]
             patches = torch.cat([r[:c] for r, c in zip(rows, counts, strict=True)])
-            feats = pooled_features(core.get_image_features(patches, grid))
+            feats = image_features(core.get_image_features, patches, grid)
             embeds = scatter_image_features(embeds, input_ids == self._image_token_id, feats)
         elif needs_placeholder(self.uniform_forward, core.visual):
             with placeholder_rng(embeds.device):
-                feats = pooled_features(core.get_image_features(*self._placeholder_image(
-                    embeds.device)))
+                feats = image_features(core.get_image_features,
+                                       *self._placeholder_image(embeds.device))
             embeds = embeds + zero_from(feats).to(embeds.dtype)
         out = core(
             inputs_embeds=embeds,
