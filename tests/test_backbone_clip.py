@@ -142,3 +142,19 @@ def test_siglip2_is_refused_with_the_reason(tmp_path: Path) -> None:
     Siglip2Config().save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="siglip2.*pixel_attention_mask"):
         plugins.build("backbone", "clip", path=str(tmp_path))
+
+
+def test_siglip_pads_to_its_positions_and_embeds_every_kind_of_item(tmp_path: Path) -> None:
+    """SigLIP is read by the same backbone: texts padded to the text tower's positions (it pools
+    the last one), max_length defaulting to them and refused above them."""
+    from mmemb.testing import make_tiny_siglip
+
+    path = make_tiny_siglip(tmp_path / "siglip", max_length=16)
+    enc = _encoder(path)
+    inputs = enc.processor(MIXED, side="query")
+    assert inputs["input_ids"].shape[1] == 16
+    with torch.no_grad():
+        out = enc(inputs)
+    assert out.shape == (len(MIXED), enc.backbone.hidden_size) and torch.isfinite(out).all()
+    with pytest.raises(ConfigError, match="max_length: 77 is more than the 16 positions"):
+        plugins.build("backbone", "clip", path=str(path), max_length=77)

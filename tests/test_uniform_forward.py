@@ -17,6 +17,7 @@ from mmemb.testing import (
     make_tiny_clip,
     make_tiny_llava_onevision,
     make_tiny_qwen2_vl,
+    make_tiny_siglip,
     shape_png,
 )
 
@@ -32,8 +33,11 @@ MAKERS: dict[str, Callable[..., Path]] = {
     "llava_onevision": make_tiny_llava_onevision,
     "qwen2_vl": make_tiny_qwen2_vl,
     "clip": make_tiny_clip,
+    "siglip": make_tiny_siglip,
 }
-VISION = {"llava_onevision": "vision_tower", "qwen2_vl": "visual", "clip": "vision_model"}
+VISION = {"llava_onevision": "vision_tower", "qwen2_vl": "visual", "clip": "vision_model",
+          "siglip": "vision_model"}
+BACKBONE = {"siglip": "clip"}  # SigLIP checkpoints are read by the `clip` backbone
 
 
 pytestmark = pytest.mark.usefixtures("hf_plugins_only")
@@ -48,7 +52,7 @@ def name_and_dir(request: pytest.FixtureRequest,
 
 def _backbone(name_and_dir: tuple[str, Path], *, uniform: bool) -> Any:
     name, path = name_and_dir
-    backbone = plugins.build("backbone", name, path=str(path)).eval()
+    backbone = plugins.build("backbone", BACKBONE.get(name, name), path=str(path)).eval()
     if uniform:
         backbone.require_uniform_forward()
     return backbone

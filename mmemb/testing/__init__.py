@@ -16,6 +16,7 @@ __all__ = [
     "make_tiny_clip",
     "make_tiny_llava_onevision",
     "make_tiny_qwen2_vl",
+    "make_tiny_siglip",
     "make_tiny_text_model",
     "only_plugins",
     "shape_png",

@@ -396,6 +396,42 @@ def make_tiny_clip(
     return out
 
 
+def make_tiny_siglip(
+    path: str | Path, *, weights: bool = True, seed: int = 0, image_size: int = 32,
+    patch_size: int = 8, hidden_size: int = 32, max_length: int = 16,
+) -> Path:
+    """A tiny SigLIP dual encoder (2-layer towers, sigmoid-loss style heads): texts are padded to
+    `max_length` and pooled at the last position, as the released models were trained. The
+    tokenizer ends every text with an EOS token. Returns `path`."""
+    from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(
+        special_tokens=("<pad>", "</s>"), eos_token="</s>", pad_token="<pad>",
+        padding_side="right", template=None, model_max_length=max_length,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    text = SiglipTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+        pad_token_id=ids("<pad>"), eos_token_id=ids("</s>"), bos_token_id=None,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+    )
+    config = SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+    _save_model(SiglipModel, config, out, weights=weights, seed=seed)
+    tokenizer.save_pretrained(out)
+    SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(out)
+    return out
+
+
 def make_tiny_text_model(
     path: str | Path, *, weights: bool = True, seed: int = 0, arch: str = "bert",
     hidden_size: int = 32, num_layers: int = 2,
@@ -446,6 +482,7 @@ FACTORIES: dict[str, Callable[..., Path]] = {
     "llava_onevision": make_tiny_llava_onevision,
     "qwen2_vl": make_tiny_qwen2_vl,
     "clip": make_tiny_clip,
+    "siglip": make_tiny_siglip,
     "text": make_tiny_text_model,
 }
 

@@ -61,11 +61,12 @@ class ClipProcessor(InputProcessor):
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, cfg: ClipConfig,
-                 padding: str) -> None:
+                 padding: str, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.cfg = cfg
         self.padding = padding
+        self.max_length = max_length
 
     def text_of(self, item: Item, side: Side) -> str | None:
         """What the text tower reads for `item` (None: the item has no text)."""
@@ -85,7 +86,7 @@ class ClipProcessor(InputProcessor):
         if bool(has_text.any()):
             enc = self.tokenizer(
                 [t if t is not None else "" for t in texts], padding=self.padding,
-                truncation=True, max_length=self.cfg.max_length, padding_side="right",
+                truncation=True, max_length=self.max_length, padding_side="right",
                 return_tensors="pt",
             )
             out["input_ids"] = enc["input_ids"]
@@ -144,7 +145,14 @@ class ClipBackbone(Backbone):
         # CLIP pools at the first EOS, which is also its pad token: right padding only. SigLIP
         # pools the last position and was trained on max_length padding.
         padding = "max_length" if model_type.startswith("siglip") else "longest"
-        self._processor = ClipProcessor(tokenizer, image_processor, cfg, padding)
+        positions = int(hf_config.text_config.max_position_embeddings)
+        if cfg.max_length is not None and cfg.max_length > positions:
+            raise ConfigError([
+                f"max_length: {cfg.max_length} is more than the {positions} positions of the text "
+                f"tower at {cfg.path}; set max_length to at most {positions} (or leave it unset)."
+            ])
+        self._processor = ClipProcessor(tokenizer, image_processor, cfg, padding,
+                                        cfg.max_length or positions)
         model = build_hf_model(getattr(transformers, SUPPORTED[model_type]), cfg,
                                config=hf_config)
         # Scores between towers: unused by an embedding backbone, so never trained. Held as
@@ -176,7 +184,7 @@ class ClipBackbone(Backbone):
 
             proc = self._processor
             enc = proc.tokenizer([""], padding=proc.padding, truncation=True,
-                                 max_length=self.cfg.max_length, return_tensors="pt")
+                                 max_length=proc.max_length, return_tensors="pt")
             size = proc.image_processor.size
             side = int(size.get("height") or size.get("shortest_edge") or 224)
             pix = proc.image_processor(images=[Image.new("RGB", (side, side))],

@@ -87,7 +87,10 @@ class ClipConfig(HFBackboneConfig, InstructionConfig):
 
     path: str = CLIP_DEFAULT_PATH
     freeze: list[Literal["vision", "language"]] = Field(default_factory=list)
-    max_length: int = Field(77, gt=0, description="text tower context (CLIP: 77, SigLIP: 64)")
+    max_length: int | None = Field(
+        None, gt=0,
+        description="text tokens (default: the text tower's positions, CLIP 77, SigLIP 64)",
+    )
     image_weight: float = Field(
         0.5, ge=0, le=1,
         description="image+text items: weight of the unit image embedding (text gets 1 - it)",
