@@ -9,10 +9,12 @@ Under DDP each step makes one synchronised forward per backward, as DDP expects:
   gradient synchronisation off (DDP's ``no_sync``), so the gradients accumulate locally and are
   averaged once, overlapping the last chunk's backward.
 
-``find_unused_parameters`` is on: which modules a batch reaches depends on what it holds (a
-text-only chunk never enters the vision tower, and some layers are never used at all, e.g. the
-vision layers after the feature layer LLaVA reads). DDP counts a parameter as used if any chunk
-of the step used it on any rank, so the averaged gradients are the full-batch ones.
+``find_unused_parameters`` is on: some layers are never used (e.g. the vision layers after the
+feature layer LLaVA reads) and a frozen tower is skipped by batches without its modality. DDP
+counts a parameter as used if any chunk of the step used it on any rank, including chunks run
+under ``no_sync`` (pytorch/pytorch#124193, in torch >= 2.4), so the averaged gradients are the
+full-batch ones; the backbones also run every trainable tower in every training chunk
+(`mmemb_hf.common.needs_placeholder`), so the used set does not vary between chunks anyway.
 """
 
 from __future__ import annotations
