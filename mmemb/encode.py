@@ -2,8 +2,9 @@
 
 Each input line is one item: ``{"text": ..., "image": "path/to/img.jpg", "instruction": ...,
 "id": ...}`` (at least one of text and image; image paths relative to `image_root`). Items are
-read and embedded a batch at a time, so the input never sits in memory. The output, by its
-suffix:
+read `SORT_WINDOW` batches at a time, so the input never sits in memory; each window is encoded
+longest first in batches of similar length (`mmemb.batching`) and written in input order. The
+output, by its suffix:
 
 - ``.npy``: a float32 matrix, one row per input item, in input order;
 - ``.parquet``: columns ``id`` (the item's ``id``, else its line number) and ``embedding``
@@ -23,12 +24,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mmemb.batching import encode_sorted
 from mmemb.data.schema import Item
 from mmemb.encoder_io import load_encoder
 from mmemb.errors import DataError
 from mmemb.model import Side
 
 FORMATS = (".npy", ".parquet")
+SORT_WINDOW = 16
+"""Batches read before sorting by length: more sorts better, fewer holds less in memory."""
 
 
 def read_items(
@@ -151,9 +155,10 @@ def encode_items(
     batch_size: int = 32,
     source: str = "<stdin>",
     image_root: Path | None = None,
+    sort_window: int = SORT_WINDOW,
 ) -> int:
-    """Embed the items in `lines` with the encoder in `model_dir`, a batch at a time; write `out`
-    (.npy or .parquet, see the module docstring); return the number of items."""
+    """Embed the items in `lines` with the encoder in `model_dir`, `sort_window` batches at a
+    time; write `out` (.npy or .parquet, see the module docstring); return the number of items."""
     out_path = Path(out)
     check_format(out_path)  # before the (slow) model load
     encoder = load_encoder(model_dir)
@@ -163,11 +168,12 @@ def encode_items(
     n = 0
     items = read_items(lines, source=source, image_root=image_root)
     try:
-        while batch := list(islice(items, batch_size)):
-            ids = [i for i, _ in batch]
-            emb = encoder.encode([it for _, it in batch], side=side, batch_size=batch_size)
+        while window := list(islice(items, batch_size * sort_window)):
+            ids = [i for i, _ in window]
+            emb = encode_sorted(encoder, [it for _, it in window], side=side,
+                                batch_size=batch_size)
             writer.write(ids, emb.numpy().astype(np.float32))
-            n += len(batch)
+            n += len(window)
         writer.close()
         tmp.replace(out_path)
     except BaseException:

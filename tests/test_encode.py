@@ -73,12 +73,14 @@ def test_parquet_has_ids_and_the_same_embeddings(model_dir: Path, items_file: Pa
                                                  tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "emb.parquet"
-    _encode(model_dir, items_file, out, batch_size=3)
+    with items_file.open() as fh:  # a window of one batch: two windows for five items
+        encode_items(model_dir, fh, out, batch_size=3, source=str(items_file),
+                     image_root=items_file.parent, sort_window=1)
     table = pq.read_table(out)
     assert table.column("id").to_pylist() == ["a", "2", "3", "4", "7"]
     emb = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(emb, _expected(model_dir, items_file), rtol=1e-5, atol=1e-6)
-    assert pq.read_metadata(out).num_row_groups == 2  # written a batch at a time
+    assert pq.read_metadata(out).num_row_groups == 2  # written a window at a time
 
 
 def test_unknown_format_is_refused_before_the_model_loads(tmp_path: Path) -> None:

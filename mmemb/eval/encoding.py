@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmemb.batching import length_key
 from mmemb.data.schema import Item, Sample
 from mmemb.errors import DataError
 from mmemb.model import Encoder, Side
@@ -110,22 +111,27 @@ class _Side:
 class DatasetCollector:
     """Streams one dataset's samples into an `EncodedDataset`, encoding this rank's share.
 
-    `add` records a sample; with `stream=True` pending unique items are encoded as soon as a batch
-    is full (memory holds at most a batch of items), otherwise they wait for `encode_pending` (the
-    caller first checks the cache with `fingerprint`). `finish` gathers every rank's embeddings on
-    rank 0 and returns the dataset there (None elsewhere).
+    `add` records a sample; with `stream=True` pending unique items are encoded as soon as
+    `sort_window` batches of them wait (memory holds at most that many items), otherwise they wait
+    for `encode_pending` (the caller first checks the cache with `fingerprint`). Waiting items
+    are encoded longest first in batches of similar length (`mmemb.batching`): less padding, the
+    same rows. `finish` gathers every rank's embeddings on rank 0 and returns the dataset there
+    (None elsewhere).
     """
 
     def __init__(
         self, name: str, encode: EncodeFn, *, batch_size: int, rank: int = 0, world: int = 1,
-        stream: bool = True,
+        stream: bool = True, sort_window: int = 16,
     ) -> None:
+        if sort_window < 1:
+            raise ValueError(f"sort_window must be >= 1 (got {sort_window})")
         self.name = name
         self.encode = encode
         self.batch_size = batch_size
         self.rank = rank
         self.world = world
         self.stream = stream
+        self.sort_window = sort_window
         self.sides: dict[Side, _Side] = {"query": _Side(), "target": _Side()}
         # Compact int64 arrays: a 1000 x 1000 candidate set is a million entries.
         self.query_index = array("q")
@@ -143,8 +149,8 @@ class DatasetCollector:
         self.cand_offsets.append(len(self.cand_index))
         if self.stream:
             for side in SIDES:
-                while len(self.sides[side].pending) >= self.batch_size:
-                    self._encode_some(side, self.batch_size)
+                if len(self.sides[side].pending) >= self.batch_size * self.sort_window:
+                    self._encode_side(side)
 
     @property
     def n_samples(self) -> int:
@@ -183,15 +189,22 @@ class DatasetCollector:
         """Items of this rank's share not encoded yet."""
         return sum(len(s.pending) for s in self.sides.values())
 
+    def _encode_side(self, side: Side, progress: Callable[[int], object] | None = None) -> None:
+        """Encode every waiting item of `side`, longest first, a batch at a time. Each item
+        carries its row index, so the sort needs no undoing."""
+        s = self.sides[side]
+        s.pending.sort(key=lambda entry: length_key(entry[1]), reverse=True)  # stable
+        while s.pending:
+            n = min(self.batch_size, len(s.pending))
+            self._encode_some(side, n)
+            if progress is not None:
+                progress(n)
+
     def encode_pending(self, progress: Callable[[int], object] | None = None) -> None:
-        """Encode every item still waiting (this rank's share), in batches; `progress(n)` is
-        called after each batch with its size."""
+        """Encode every item still waiting (this rank's share), in batches of similar length;
+        `progress(n)` is called after each batch with its size."""
         for side in SIDES:
-            while self.sides[side].pending:
-                n = min(self.batch_size, len(self.sides[side].pending))
-                self._encode_some(side, self.batch_size)
-                if progress is not None:
-                    progress(n)
+            self._encode_side(side, progress)
 
     def finish(self) -> EncodedDataset | None:
         """Encode what is left, gather every rank's rows on rank 0; the dataset on rank 0."""
