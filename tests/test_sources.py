@@ -80,11 +80,12 @@ def test_mmeb_train_rows(tmp_path: Path) -> None:
     assert (report.read, report.written, report.datasets) == (3, 3, {"CIRR": 3})
     s0, s1, s2 = iter_samples(tmp_path / "o")
     assert s0.query.image == (root / "images/q0.jpg").read_bytes()  # original bytes, no re-encode
-    assert s0.query.text == "Represent the given image with the following question: What is it?"
+    # only the marker goes; the rest is verbatim, the newline VLM2Vec puts after it included
+    assert s0.query.text == "\nRepresent the given image with the following question: What is it?"
     assert (s0.pos.text, s0.pos.image) == ("A dog.", None)
     assert [n.text for n in s0.negs] == ["A cat."]
     assert s1.query.image is None and s1.query.text == "Find an image that matches: a red car"
-    assert s1.pos.text == "Represent the given image." and s1.pos.image == png_bytes(1)
+    assert s1.pos.text == "\nRepresent the given image." and s1.pos.image == png_bytes(1)
     assert s1.negs[0].image == jpeg_bytes(2)
     assert s2.pos.text is None and s2.pos.image == png_bytes(1)  # marker only -> image only
     assert s2.negs == []
@@ -193,7 +194,7 @@ def test_mmeb_eval_keeps_each_query_candidate_list(tmp_path: Path) -> None:
     assert a.dataset == "MSCOCO_t2i"
     assert [x.image for x in a.candidates] == [cands[n] for n in names]
     assert [x.image for x in b.candidates] == [cands[names[2]], cands[names[0]], cands[names[3]]]
-    assert a.pos.text == "Represent the given image."
+    assert a.pos.text == "\nRepresent the given image."
     assert [x.text for x in c.candidates] == ["tench", "goldfish", "shark"]
     assert c.query.image == jpeg_bytes(5) and c.meta["candidates"] == 3
     with pytest.raises(DataError, match="data.eval"):

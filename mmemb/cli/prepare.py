@@ -277,8 +277,8 @@ def command(
     \b
     Examples:
       mmemb prepare --source synthetic --arg n=2000 --out data/synth-train
-      mmemb prepare --source mmeb_train --input MMEB-train/CIRR.parquet \\
-          --image-root MMEB-train/images --out shards/cirr --on-error skip --workers 8
+      mmemb prepare --source mmeb_train --input MMEB-train/CIRR --image-root MMEB-train \\
+          --out shards/cirr --on-error skip --workers 8
       mmemb prepare --recipe recipes/quickstart.yaml
     """
     from mmemb.data.prepare import parse_shard_size, prepare

@@ -130,13 +130,22 @@ def expand_inputs(input: str | Path | Sequence[str | Path], suffixes: Sequence[s
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
-    """(1-based line or row number, row dict or a 'bad_row' `Reject`) for a jsonl or parquet file.
+    """(1-based line or row number, row dict or a 'bad_row' `Reject`) for a jsonl, json or parquet
+    file.
 
+    A ``.json`` file whose first character (after whitespace) is ``[`` is one JSON array of rows
+    (numbered by position in the array); any other ``.json``/``.jsonl`` file is JSON Lines.
     Parquet needs `pyarrow` (``pip install pyarrow``); rows are streamed in record batches.
     """
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
         return
+    if path.suffix == ".json" and _starts_with(path, "["):
+        array = _load_json_array(path)
+        if array is not None:
+            for number, row in enumerate(array, start=1):
+                yield number, _as_row(row, path, number, "an array element")
+            return
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -146,18 +155,42 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
             except json.JSONDecodeError as exc:
                 yield lineno, Reject("bad_row", str(path), lineno, f"not valid JSON: {exc}")
                 continue
-            if not isinstance(row, dict):
-                yield (
-                    lineno,
-                    Reject(
-                        "bad_row",
-                        str(path),
-                        lineno,
-                        f"a row must be a JSON object, got {type(row).__name__}",
-                    ),
-                )
-                continue
-            yield lineno, row
+            yield lineno, _as_row(row, path, lineno, "a row")
+
+
+def _as_row(value: Any, path: Path, number: int, what: str) -> dict[str, Any] | Reject:
+    if isinstance(value, dict):
+        return value
+    return Reject(
+        "bad_row", str(path), number, f"{what} must be a JSON object, got {type(value).__name__}"
+    )
+
+
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the file's first non-whitespace character is `char` (reads a few bytes)."""
+    with open(path, encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0] == char
+    return False
+
+
+def _load_json_array(path: Path) -> list[Any] | None:
+    """The file as one JSON array; None when it is JSON Lines whose first row is an array
+    (several values, one a line: read as JSON Lines so each line is counted). A file that starts
+    an array but is not valid JSON cannot be split into rows, so it is an error."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            return None
+        raise DataError(
+            f"{path}: the file starts with '[' (a JSON array of rows) but is not valid JSON: "
+            f"{exc}. Fix the file, or write one JSON object a line (JSON Lines)."
+        ) from exc
+    return value if isinstance(value, list) else None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
@@ -182,9 +215,12 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
 class ImageLoader:
     """Reads image files named by rows, relative to `root`, turning failures into rejects."""
 
-    def __init__(self, root: Path | None, *, default_root: Path | None = None) -> None:
+    def __init__(
+        self, root: Path | None, *, default_root: Path | None = None, default_why: str = ""
+    ) -> None:
         self.root = root
         self.default_root = default_root
+        self.default_why = default_why  # why default_root is the default: told when one is missing
 
     def path(self, rel: str) -> Path:
         p = Path(rel).expanduser()
@@ -201,7 +237,15 @@ class ImageLoader:
         try:
             return read_image_file(path)
         except FileNotFoundError:
-            hint = "" if self.root is not None else " (no --image-root was given)"
+            hint = ""
+            if self.root is None:
+                where = (
+                    f"; the default image root is {self.default_root}"
+                    if self.default_root is not None
+                    else ""
+                )
+                why = f", {self.default_why}" if self.default_why and where else ""
+                hint = f" (no --image-root was given{where}{why})"
             return Reject(
                 "missing_image",
                 str(file),

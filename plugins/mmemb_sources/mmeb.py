@@ -12,12 +12,24 @@ MMEB-eval rows (each query with its own candidate list; the first candidate is t
      "qry_img_path": "ImageNet-1K/val/x.jpg",
      "tgt_text": ["tench", "goldfish", ...], "tgt_img_path": ["", "", ...]}
 
-`<|image_N|>` markers are removed from the text (the item carries its image and the backbone's
-processor places its own image tokens); a marker without an image path is a 'missing_field'
-reject. The text is otherwise kept verbatim (instruction and content together, as VLM2Vec feeds
-it), so ``instruction`` stays empty. Image paths are relative to `image_root` (``--image-root``;
-default: the input file's folder). The dataset name comes from the file (``CIRR.parquet`` ->
-CIRR; ``CIRR/original-00000-of-00001.parquet`` -> CIRR) unless ``--dataset-name`` is given.
+MMEB-eval rows of VLM2Vec-v2 carry the instruction apart: ``qry_inst`` (and ``tgt_inst`` for
+the candidates) beside ``qry_text``; it becomes the items' ``instruction``.
+
+`<|image_N|>` markers are removed from texts and instructions (the item carries its image and the
+backbone's processor places its own image tokens); a marker without an image path is a
+'missing_field' reject. Nothing else of the text is changed -- whitespace around the marker
+included -- so ``instruction`` stays empty for v1 rows (VLM2Vec feeds instruction and content as
+one string).
+
+Input: a file, a dataset folder or a glob. The hub keeps each dataset's variants side by side
+(``MMEB-train/CIRR/{original,diverse_instruction,train}-00000-of-00001.parquet``, or
+``ImageNet_1K/original/0000.parquet`` in its parquet conversion): `split` picks one (default: the
+only one, else ``original`` for mmeb_train and ``test`` for mmeb_eval, else an error listing
+them). The dataset name comes from that layout (``CIRR``, ``ImageNet_1K``; a lone ``CIRR.parquet``
+-> CIRR) unless ``--dataset-name`` is given. Image paths are relative to `image_root`
+(``--image-root``); its default is the folder above the dataset folder in the hub's layouts
+(MMEB-train, whose ``images/`` the rows' ``images/CIRR/...`` paths start from) and the file's
+folder for a lone file.
 """
 
 from __future__ import annotations
@@ -26,27 +38,48 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from pydantic import Field
+
 from mmemb.data.schema import Item, Sample
-from mmemb.data.sources import (
-    ImageLoader,
-    Record,
-    Reject,
-    Source,
-    expand_inputs,
-    origin,
-    read_rows,
+from mmemb.data.sources import ImageLoader, Record, Reject, Source, origin, read_rows
+from mmemb_sources._common import (
+    FileSourceConfig,
+    InputFile,
+    as_list,
+    choose_split,
+    find_inputs,
+    remove_placeholder,
 )
-from mmemb_sources._common import FileSourceConfig, as_list, dataset_from_path, strip_placeholder
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+_SPLIT_HELP = (
+    "which split of a dataset folder to read ({}: original, diverse_instruction, train); "
+    "default: the only one, else '{}'"
+)
+_ROOT_HELP = (
+    "directory relative image paths are resolved against (--image-root); default: the folder "
+    "above the dataset folder (MMEB-train for MMEB-train/CIRR/original-00000-of-00001.parquet), "
+    "or the file's folder for a lone file"
+)
 
 
 class MMEBTrainConfig(FileSourceConfig):
     """Arguments of `mmeb_train`."""
 
+    image_root: str | None = Field(None, description=_ROOT_HELP)
+    split: str | None = Field(None, description=_SPLIT_HELP.format("MMEB-train", "original"))
+
 
 class MMEBEvalConfig(FileSourceConfig):
     """Arguments of `mmeb_eval`."""
+
+    image_root: str | None = Field(None, description=_ROOT_HELP)
+    split: str | None = Field(
+        None, description="which split of a dataset folder to read; default: the only one, "
+        "else 'test'"
+    )
 
 
 def _first(row: dict[str, Any], *keys: str) -> tuple[str, Any]:
@@ -67,6 +100,8 @@ def build_item(
     line: int,
     sid: str,
     images: ImageLoader,
+    instruction: Any = None,
+    instruction_field: str = "",
 ) -> Item | Reject:
     """One side of an MMEB row as an `Item`, or the reason it cannot be one."""
     if text is not None and not isinstance(text, str):
@@ -85,16 +120,27 @@ def build_item(
             f"{image_field} is a {type(image_path).__name__}, not a path",
             sid,
         )
-    marker = False
-    if text is not None:
-        text, marker = strip_placeholder(text)
-    path = image_path.strip() if isinstance(image_path, str) and image_path.strip() else None
-    if marker and path is None:
+    if instruction is not None and not isinstance(instruction, str):
         return Reject(
             "missing_field",
             str(file),
             line,
-            f"{text_field} has an <|image_1|> marker but {image_field} is empty",
+            f"{instruction_field} is a {type(instruction).__name__}, not text",
+            sid,
+        )
+    marker = inst_marker = False
+    if text is not None:
+        text, marker = remove_placeholder(text)
+    if instruction is not None:
+        instruction, inst_marker = remove_placeholder(instruction)
+    path = image_path.strip() if isinstance(image_path, str) and image_path.strip() else None
+    if (marker or inst_marker) and path is None:
+        return Reject(
+            "missing_field",
+            str(file),
+            line,
+            f"{text_field if marker else instruction_field} has an <|image_1|> marker but "
+            f"{image_field} is empty",
             sid,
         )
     image: bytes | None = None
@@ -121,29 +167,38 @@ def build_item(
             f"neither {text_field} nor {image_field} has a value",
             sid,
         )
-    return Item(text=text, image=image)
+    return Item(text=text, image=image, instruction=instruction or None)
 
 
 class _MMEBBase(Source):
-    def __init__(self, config: FileSourceConfig) -> None:
+    default_split: ClassVar[str] = "original"
+
+    def __init__(self, config: MMEBTrainConfig | MMEBEvalConfig) -> None:
         self.config = config
-        self.files = expand_inputs(config.input, SUFFIXES)
+        found = find_inputs(config.input, SUFFIXES)
+        self.files = choose_split(found, config.split, self.default_split, input=config.input)
         self.root = Path(config.image_root).expanduser() if config.image_root else None
 
     def __iter__(self) -> Iterator[Record]:
-        for path in self.files:
-            dataset = dataset_from_path(path)
-            images = ImageLoader(self.root, default_root=path.parent)
-            for line, row in read_rows(path):
+        for info in self.files:
+            images = ImageLoader(self.root, default_root=info.root, default_why=info.root_why)
+            for line, row in read_rows(info.path):
                 if isinstance(row, Reject):
                     yield row
                     continue
-                yield self.row(row, path=path, line=line, dataset=dataset, images=images)
+                yield self.row(row, info=info, line=line, images=images)
 
-    def row(
-        self, row: dict[str, Any], *, path: Path, line: int, dataset: str, images: ImageLoader
-    ) -> Record:
+    def row(self, row: dict[str, Any], *, info: InputFile, line: int,
+            images: ImageLoader) -> Record:
         raise NotImplementedError
+
+
+def _meta(info: InputFile, line: int, **extra: Any) -> dict[str, Any]:
+    """A sample's meta: where it came from, and the split when the layout names one."""
+    meta: dict[str, Any] = {"origin": origin(info.path, line), **extra}
+    if info.split is not None:
+        meta["split"] = info.split
+    return meta
 
 
 class MMEBTrainSource(_MMEBBase):
@@ -152,13 +207,14 @@ class MMEBTrainSource(_MMEBBase):
     example: ClassVar[str] = (
         "mmemb prepare --source mmeb_train \\\n"
         "    --input MMEB-train/CIRR/original-00000-of-00001.parquet \\\n"
-        "    --image-root MMEB-train --out shards/cirr --on-error skip"
+        "    --image-root MMEB-train --out shards/cirr --on-error skip\n"
+        "mmemb prepare --source mmeb_train --input MMEB-train/CIRR \\\n"
+        "    --arg split=diverse_instruction --out shards/cirr-di"
     )
 
-    def row(
-        self, row: dict[str, Any], *, path: Path, line: int, dataset: str, images: ImageLoader
-    ) -> Record:
-        sid = f"{dataset}/{path.stem}:{line}"
+    def row(self, row: dict[str, Any], *, info: InputFile, line: int,
+            images: ImageLoader) -> Record:
+        path, sid = info.path, f"{info.dataset}/{info.id_stem}:{line}"
         q_field, q_text = _first(row, "qry", "qry_text")
         qi_field, q_img = _first(row, "qry_image_path", "qry_img_path")
         p_field, p_text = _first(row, "pos_text")
@@ -198,11 +254,11 @@ class MMEBTrainSource(_MMEBBase):
             negs.append(neg)
         return Sample(
             id=sid,
-            dataset=dataset,
+            dataset=info.dataset,
             query=query,
             pos=pos,
             negs=negs,
-            meta={"origin": origin(path, line)},
+            meta=_meta(info, line),
         )
 
 
@@ -211,18 +267,20 @@ class MMEBEvalSource(_MMEBBase):
 
     kind: ClassVar[Literal["train", "eval"]] = "eval"
     pool_images: ClassVar[bool] = True  # candidate lists share images across queries
+    default_split: ClassVar[str] = "test"
     example: ClassVar[str] = (
         "mmemb prepare --source mmeb_eval \\\n"
         "    --input MMEB-eval/ImageNet-1K/test-00000-of-00001.parquet \\\n"
         "    --image-root MMEB-eval/eval_images --out shards/eval/imagenet-1k"
     )
 
-    def row(
-        self, row: dict[str, Any], *, path: Path, line: int, dataset: str, images: ImageLoader
-    ) -> Record:
-        sid = f"{dataset}/{path.stem}:{line}"
+    def row(self, row: dict[str, Any], *, info: InputFile, line: int,
+            images: ImageLoader) -> Record:
+        path, sid = info.path, f"{info.dataset}/{info.id_stem}:{line}"
         q_field, q_text = _first(row, "qry_text", "qry")
         qi_field, q_img = _first(row, "qry_img_path", "qry_image_path")
+        qn_field, q_inst = _first(row, "qry_inst")
+        tn_field, t_inst = _first(row, "tgt_inst")
         t_field, t_texts = _first(row, "tgt_text")
         ti_field, t_imgs = _first(row, "tgt_img_path", "tgt_image_path")
         if q_text is None and q_img is None:
@@ -252,7 +310,10 @@ class MMEBEvalSource(_MMEBBase):
                 sid,
             )
         kw: dict[str, Any] = {"file": path, "line": line, "sid": sid, "images": images}
-        query = build_item(q_text, q_img, text_field=q_field, image_field=qi_field, **kw)
+        query = build_item(
+            q_text, q_img, text_field=q_field, image_field=qi_field,
+            instruction=q_inst, instruction_field=qn_field, **kw,
+        )
         if isinstance(query, Reject):
             return query
         candidates: list[Item] = []
@@ -260,16 +321,17 @@ class MMEBEvalSource(_MMEBBase):
             t = texts[i] if texts else None
             im = imgs[i] if imgs else None
             cand = build_item(
-                t, im, text_field=f"{t_field}[{i}]", image_field=f"{ti_field}[{i}]", **kw
+                t, im, text_field=f"{t_field}[{i}]", image_field=f"{ti_field}[{i}]",
+                instruction=t_inst, instruction_field=tn_field, **kw,
             )
             if isinstance(cand, Reject):
                 return cand
             candidates.append(cand)
         return Sample(
             id=sid,
-            dataset=dataset,
+            dataset=info.dataset,
             query=query,
             pos=candidates[0],
             negs=candidates[1:],
-            meta={"origin": origin(path, line), "candidates": len(candidates)},
+            meta=_meta(info, line, candidates=len(candidates)),
         )
