@@ -15,8 +15,9 @@ implementations are interleaved repeat by repeat (so a busy machine slows them a
   the best and the median over all ``--repeats`` processes, and the ratios of the best times
   (the machine's background load only ever adds time, so the best run is the least disturbed).
 
-Implementations: ``full`` (``contrastive_loss(tile_size=None)``), ``tiled``
-(``contrastive_loss(tile_size=T)``: PyTorch tiles on CPU, the Triton kernel on CUDA) and, with
+Implementations: ``full`` (``contrastive_loss(...)``, the whole matrix), ``tiled``
+(``contrastive_loss(..., impl=plugins.build("loss", "tiled", tile_size=T))``: PyTorch tiles on
+CPU, the Triton kernel on CUDA) and, with
 ``--peer`` on CUDA for the plain-InfoNCE case, the ``inf-cl`` package's ``cal_inf_loss``
 (Cheng et al. 2024), which must be installed separately (``pip install inf-cl``).
 """
@@ -71,12 +72,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         def step() -> None:
             cal_inf_loss(q, c, targets, scale=1.0 / tau).mean().backward()
     else:
-        tile = spec["tile"] if impl == "tiled" else None
+        loss_impl = (plugins.build("loss", "tiled", tile_size=spec["tile"]) if impl == "tiled"
+                     else None)
 
         def step() -> None:
-            loss = L.contrastive_loss(
-                q, c, targets, temperature=tau, reweighter=rw, tile_size=tile
-            )
+            loss = L.contrastive_loss(q, c, targets, temperature=tau, reweighter=rw, impl=loss_impl)
             loss.backward()
 
     # Warm up on a small problem with the same tile shapes (thread pools, kernel selection,
@@ -88,8 +88,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         cal_inf_loss(small_q, small_c, targets[:n_small], scale=1.0 / tau).mean().backward()
     else:
         L.contrastive_loss(
-            small_q, small_c, targets[:n_small], temperature=tau, reweighter=rw,
-            tile_size=spec["tile"] if impl == "tiled" else None,
+            small_q, small_c, targets[:n_small], temperature=tau, reweighter=rw, impl=loss_impl,
         ).backward()
     del small_q, small_c
     times = []

@@ -39,6 +39,7 @@ def _setup(args: argparse.Namespace, grad_cache: dict[str, int] | None) -> dict[
     from mmemb import plugins
     from mmemb.data.collate import Collator
     from mmemb.distributed import DistEnv
+    from mmemb.loss import build_loss
     from mmemb.train.engines.base import EngineSetup
     from mmemb.train.engines.torch_engine import TorchEngine
     from mmemb.train.setup import build_model, seed_everything
@@ -56,9 +57,8 @@ def _setup(args: argparse.Namespace, grad_cache: dict[str, int] | None) -> dict[
         [src.sample(i) for i in range(args.batch)]).to(args.device)
     device = torch.device(args.device)
     engine = TorchEngine(EngineSetup(loaded, encoder, DistEnv(0, 1, 0), device))
-    reweighter = plugins.build_from("reweighter", loaded.recipe.loss.reweighter, where="loss")
-    return {"loaded": loaded, "encoder": encoder, "batch": batch, "engine": engine,
-            "reweighter": reweighter}
+    loss = build_loss(loaded.recipe.loss.spec())
+    return {"loaded": loaded, "encoder": encoder, "batch": batch, "engine": engine, "loss": loss}
 
 
 def mmemb_step(s: dict[str, Any]) -> None:
@@ -70,11 +70,11 @@ def mmemb_step(s: dict[str, Any]) -> None:
         float(loss.detach())  # the trainer reads the loss for its NaN check
 
     r = s["loaded"].recipe
-    out = compute_step(s["engine"], s["batch"], r.loss, r.train, s["reweighter"],
-                       check_loss=check_loss)
+    out = compute_step(s["engine"], s["batch"], s["loss"], r.train, check_loss=check_loss)
     s["engine"].step()
+    # the trainer computes these every train.log_every steps; measured here every step (worst case)
     step_statistics(out.q, out.c, s["batch"].targets, negatives=r.train.negatives,
-                    temperature=r.loss.temperature, reweighter=s["reweighter"])
+                    loss=s["loss"], keys=s["batch"].keys)
 
 
 def hand_step(s: dict[str, Any]) -> None:
@@ -85,7 +85,7 @@ def hand_step(s: dict[str, Any]) -> None:
     q = enc(batch.query)
     c = enc(batch.candidates)
     loss = contrastive_loss(q, c, batch.targets, temperature=r.loss.temperature,
-                            reweighter=s["reweighter"])
+                            reweighter=s["loss"].reweighter, keys=batch.keys)
     float(loss.detach())  # the trainer's NaN check reads the loss too
     engine.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -45,6 +45,7 @@ def _mmemb(path: Path, triples: list[tuple[str, str, str]], chunk: int | None,
     from mmemb.data.collate import Collator
     from mmemb.data.schema import Item, Sample
     from mmemb.distributed import DistEnv
+    from mmemb.loss import build_loss
     from mmemb.recipe import load_recipe
     from mmemb.train.engines.base import EngineSetup
     from mmemb.train.engines.torch_engine import TorchEngine
@@ -59,7 +60,8 @@ def _mmemb(path: Path, triples: list[tuple[str, str, str]], chunk: int | None,
         "output_dir": "unused",
         "data": {"train": [{"shards": "unused"}]},
         "model": {"backbone": {"name": "hf_text", "path": str(path)}, "pooler": "cls"},
-        "loss": {"temperature": 0.05, "reweighter": "none"},
+        # sentence-transformers masks no duplicate positives; these texts are distinct anyway
+        "loss": {"temperature": 0.05, "reweighter": "none", "mask_duplicate_positives": False},
         "train": train,
     }, check_components=False)
     r = loaded.recipe
@@ -71,11 +73,11 @@ def _mmemb(path: Path, triples: list[tuple[str, str, str]], chunk: int | None,
     samples = [Sample(id=str(i), dataset="bench", query=Item(text=q), pos=Item(text=p),
                       negs=[Item(text=n)]) for i, (q, p, n) in enumerate(triples)]
     collate = Collator(model.processor, num_negatives=1)
+    loss_fn = build_loss(r.loss.spec())
 
     def step() -> float:
         batch = collate(samples).to(device)  # tokenization is part of the step, as for ST
-        out = compute_step(engine, batch, r.loss, r.train, None,
-                           check_loss=lambda loss: None)
+        out = compute_step(engine, batch, loss_fn, r.train, check_loss=lambda loss: None)
         engine.step()
         return float(out.loss)
 

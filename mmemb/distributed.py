@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -97,3 +98,55 @@ def pick_device(requested: str | None, env: DistEnv) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def all_gather_with_grad(
+    x: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate ``x`` (n_r, …) of every rank along dim 0; the result keeps the gradient.
+
+    Ranks may hold different numbers of rows (the rows are padded for the collective and the
+    padding dropped). In the backward, each rank's shard receives the sum over ranks of the
+    gradients of its rows (all_gather's backward is a reduce-scatter). Returns the concatenation
+    and the list of row counts per rank.
+    """
+    world = dist.get_world_size(group)
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
+    sizes_t = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes_t, n, group=group)
+    sizes = [int(s.item()) for s in sizes_t]
+    most = max(sizes)
+    padded = x
+    if x.shape[0] < most:
+        pad = x.new_zeros((most - x.shape[0], *x.shape[1:]))
+        padded = torch.cat([x, pad], dim=0)
+    parts = _AllGather.apply(padded.contiguous(), group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0), sizes
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather with a backward: each rank's input gets the sum over ranks of the gradients of
+    its part (an all-reduce of the stacked gradients, then this rank's slice: gloo has no
+    reduce-scatter). torch's own `torch.distributed.nn.all_gather` is deprecated."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, group: dist.ProcessGroup | None
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        stacked = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(stacked, group=ctx.group)
+        return stacked[dist.get_rank(ctx.group)], None
+
+
+def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenate ``x`` (n_r, …) of every rank along dim 0, without gradient (e.g. the content
+    keys that travel with gathered candidates). Ranks may hold different numbers of rows."""
+    with torch.no_grad():
+        return all_gather_with_grad(x.detach(), group)[0]

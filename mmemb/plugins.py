@@ -16,6 +16,7 @@ with `register_plugin`).
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import re
@@ -31,6 +32,11 @@ from mmemb import hookspecs
 from mmemb.errors import ConfigError, PluginError, UnknownComponentError
 
 ENTRY_POINT_GROUP = "mmemb"
+
+BUILTIN_PLUGINS: tuple[str, ...] = ("mmemb.loss.builtin",)
+"""Kernel modules registered as plugins in every plugin manager, autoload or not: the reference
+implementations the kernel itself owns (the ``full`` loss). Named, not imported, here so this
+module does not depend on them."""
 
 KINDS: dict[str, str] = {
     "backbone": "mmemb_register_backbones",
@@ -113,6 +119,10 @@ _state = _State()
 def _new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("mmemb")
     pm.add_hookspecs(hookspecs)
+    for module in BUILTIN_PLUGINS:
+        plugin = importlib.import_module(module)
+        pm.register(plugin, name=module)
+        _state.providers[id(plugin)] = "mmemb"
     return pm
 
 

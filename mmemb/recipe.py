@@ -61,13 +61,35 @@ class ModelConfig(_Strict):
     _as_component = field_validator("backbone", "pooler", mode="before")(_component)
 
 
-class LossConfig(_Strict):
+class LossConfig(BaseModel):
+    """`loss`: one object built from this section (`mmemb.loss.build_loss`).
+
+    ``name`` is a registered ``loss`` component (``full``: the whole B×M matrix; ``tiled``: tiles,
+    a Triton kernel on CUDA); any other key is an option of that component (``tile_size`` and
+    ``implementation`` for ``tiled``), validated against its config."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field("full", description="the loss implementation: full | tiled | a plugin's")
     temperature: float = Field(0.02, gt=0)
     reweighter: Component = Field(default_factory=lambda: {"name": "ega"})
-    tile_size: int | None = Field(None, gt=0)
     symmetric: bool = False
+    mask_duplicate_positives: bool = Field(
+        True,
+        description="mask, in each row, candidates whose content equals the row's positive "
+        "(another query's copy of it): on label-like data they are not negatives",
+    )
 
     _as_component = field_validator("reweighter", mode="before")(_component)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The named loss component's own options (every key this model does not define)."""
+        return dict(self.model_extra or {})
+
+    def spec(self) -> dict[str, Any]:
+        """The whole section as `mmemb.loss.build_loss` reads it."""
+        return {**self.model_dump(exclude=set(self.options)), **self.options}
 
 
 class GradCacheConfig(_Strict):
@@ -109,6 +131,12 @@ class TrainConfig(_Strict):
         None, gt=0, description="evaluate on data.eval every N steps (rank 0)"
     )
     tensorboard: bool = Field(True, description="also log to OUTPUT_DIR/tensorboard if installed")
+    stop_on_collapse: bool = Field(
+        False,
+        description="stop (exit status 3) when the collapse alarm fires: after warm-up, the loss "
+        "stayed at ln(candidates) or positives scored like the hardest negatives for 3 log "
+        "intervals; it always prints a warning and records it in metrics.jsonl",
+    )
     device: str | None = None
 
 
@@ -349,6 +377,16 @@ def component_problems(
     problems += _check("backbone", backbone, "model.backbone", source, lines)
     problems += _check("pooler", r.model.pooler, "model.pooler", source, lines)
     problems += _check("reweighter", r.loss.reweighter, "loss.reweighter", source, lines)
+    if r.loss.name == "full" and "tile_size" in r.loss.options:
+        problems.append(
+            f"{_where(source, 'loss.tile_size', lines)}: tile_size is an option of the tiled loss, "
+            "but loss.name is 'full' (the whole matrix). Set loss.name: tiled, or remove tile_size."
+        )
+    else:
+        problems += _check(
+            "loss", {"name": r.loss.name, **r.loss.options}, "loss", source, lines,
+            name_key="loss.name",
+        )
     problems += _check("eval_task", r.eval.task, "eval.task", source, lines)
     problems += _check("exporter", r.export.exporter, "export.exporter", source, lines)
     for split in ("train", "eval"):

@@ -160,6 +160,7 @@ def test_split_inputs_refuses_ragged_batches() -> None:
 def _step_grads(rank: int, world: int, lora: bool, grad_cache: bool, out: str) -> None:
     """Rank `rank` of `world`: its share of the 8-sample batch, one step's averaged gradients."""
     from mmemb.distributed import DistEnv, init_distributed, shutdown_distributed
+    from mmemb.loss import ContrastiveLoss
     from mmemb.train.engines.base import EngineSetup
     from mmemb.train.engines.torch_engine import TorchEngine
     from mmemb.train.step import compute_step
@@ -176,8 +177,9 @@ def _step_grads(rank: int, world: int, lora: bool, grad_cache: bool, out: str) -
         engine = TorchEngine(EngineSetup(loaded, enc, env, torch.device("cpu")))
         share = 8 // world
         batch = make_batch(enc, rank * share, share)
-        compute_step(engine, batch, loaded.recipe.loss, loaded.recipe.train,
-                     plugins.build("reweighter", "ega", alpha=1.0), check_loss=lambda loss: None)
+        loss = ContrastiveLoss(temperature=loaded.recipe.loss.temperature,
+                               reweighter=plugins.build("reweighter", "ega", alpha=1.0))
+        compute_step(engine, batch, loss, loaded.recipe.train, check_loss=lambda loss: None)
         if rank == 0:
             torch.save(grads(enc), out)
     finally:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_impls import impl
 
 import mmemb.loss as L
 from mmemb import plugins
@@ -89,7 +90,7 @@ def test_learnable_temperature_gets_its_gradient(tile):
         return reference(q, c, t, tau, True)
 
     def got_fn(q, c, tau):
-        return L.contrastive_loss(q, c, t, temperature=tau, tile_size=tile, symmetric=True)
+        return L.contrastive_loss(q, c, t, temperature=tau, impl=impl(tile), symmetric=True)
 
     grads = []
     for fn in (ref_fn, got_fn):
@@ -133,8 +134,8 @@ def test_assemble_candidates_keeps_gradients():
         (dict(t=torch.tensor([0, 1])), "(B,) tensor with B=3"),
         (dict(temperature=0.0), "positive finite"),
         (dict(temperature=-1.0), "positive finite"),
-        (dict(tile_size=0), "tile_size"),
-        (dict(tile_size=2.5), "tile_size"),
+        (dict(keys=torch.arange(3)), "keys must be a (M,) int64"),
+        (dict(keys=torch.zeros(4)), "keys must be a (M,) int64"),
         (dict(t=torch.tensor([0, 0, 1]), symmetric=True), "symmetric=True"),
         (dict(reweighter="ega"), "mmemb.plugins.build"),
         (dict(q=torch.randn(3)), "(B, D)"),
@@ -161,7 +162,7 @@ def test_gathered_loss_without_process_group_is_contrastive_loss():
     q, c, t = _batch(4, 2, 6, seed=11)
     ega = plugins.build("reweighter", "ega", alpha=2.0)
     for tile in (None, 3):
-        kw = dict(temperature=0.05, reweighter=ega, tile_size=tile, symmetric=True)
+        kw = dict(temperature=0.05, reweighter=ega, impl=impl(tile), symmetric=True)
         a = _grads(lambda q, c, kw=kw: L.gathered_contrastive_loss(q, c, t, **kw), q, c)
         b = _grads(lambda q, c, kw=kw: L.contrastive_loss(q, c, t, **kw), q, c)
         for x, y in zip(a, b, strict=True):
@@ -183,9 +184,20 @@ def test_diagnostics_match_an_independent_computation():
     neg[rows, t] = False
     h = torch.clamp(torch.exp((s - s[rows, t][:, None]) / tau), max=1.0)
     pbar = p * (1 + alpha * h)
-    amp = ((pbar * neg).sum(1) / (p * neg).sum(1)).mean()
-    assert got["amplification"] == pytest.approx(float(amp), rel=1e-10)
-    assert got["amplification_mean"] == pytest.approx(float((1 + alpha * h)[neg].mean()), rel=1e-10)
+    mass = ((pbar * neg).sum(1) / (p * neg).sum(1)).mean()
+    assert got["negative_mass"] == pytest.approx(float(mass), rel=1e-10)
+    # the hardest ceil(10 %) of each row's 23 negatives (3), by similarity, one row at a time
+    ratios, shares = [], []
+    for i in range(6):
+        negs = [j for j in range(24) if j != int(t[i])]
+        hard = sorted(negs, key=lambda j: float(s[i, j]), reverse=True)[:3]
+        share = float(p[i, hard].sum() / p[i, negs].sum())
+        share_bar = float(pbar[i, hard].sum() / pbar[i, negs].sum())
+        ratios.append(share_bar / share)
+        shares.append(share_bar)
+    assert got["amplification"] == pytest.approx(sum(ratios) / 6, rel=1e-10)
+    assert got["hard_share"] == pytest.approx(sum(shares) / 6, rel=1e-10)
+    assert plain["negative_mass"] == pytest.approx(1.0)
     assert got["loss"] == pytest.approx(plain["loss"], rel=1e-12)
     assert got["pos_sim"] == pytest.approx(float(s[rows, t].mean()), rel=1e-10)
     hardest = torch.where(neg, s, -torch.inf).amax(1).mean()

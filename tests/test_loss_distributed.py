@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from loss_impls import impl
 
 WORLD = 2
 SIZES = (3, 5)  # queries per rank
@@ -60,7 +61,7 @@ def _worker(rank: int, port: int) -> None:
         hi = lo + SIZES[rank]
         for name, options, tile, symmetric in SCENARIOS:
             rw = plugins.build("reweighter", name, **options)
-            kw = dict(reweighter=rw, tile_size=tile, symmetric=symmetric)
+            kw = dict(reweighter=rw, impl=impl(tile), symmetric=symmetric)
 
             # this rank: its shard only; the parameters are W and a learnable temperature
             w = w0.clone().requires_grad_()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_impls import impl
 
 import mmemb.loss as L
 from mmemb import plugins
@@ -24,7 +25,7 @@ def _run(q, c, t, *, reweighter, tile_size=None, symmetric=False, tau=TAU):
     q = q.detach().clone().requires_grad_()
     c = c.detach().clone().requires_grad_()
     loss = L.contrastive_loss(
-        q, c, t, temperature=tau, reweighter=reweighter, tile_size=tile_size, symmetric=symmetric
+        q, c, t, temperature=tau, reweighter=reweighter, impl=impl(tile_size), symmetric=symmetric
     )
     loss.backward()
     return loss.detach(), q.grad, c.grad

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_impls import impl
 from torch.overrides import TorchFunctionMode
 
 import mmemb.loss as L
@@ -60,8 +61,8 @@ def test_tiled_equals_full(name, options, dtype):
                 continue
             q, c, t = _batch(b, m, 6, seed=b * 100 + m, dtype=dtype)
             kw = dict(temperature=0.05, reweighter=rw, symmetric=symmetric)
-            full = _run(q, c, t, tile_size=None, **kw)
-            tiled = _run(q, c, t, tile_size=tile, **kw)
+            full = _run(q, c, t, impl=impl(None), **kw)
+            tiled = _run(q, c, t, impl=impl(tile), **kw)
             for f, g in zip(full, tiled, strict=True):
                 assert f.dtype == g.dtype
                 atol = rtol * max(float(f.abs().max()), 1.0)
@@ -78,7 +79,7 @@ def test_targets_anywhere_and_shared_positives():
     for name, options in REWEIGHTERS:
         rw = plugins.build("reweighter", name, **options)
         full = _run(q, c, t, temperature=0.05, reweighter=rw)
-        tiled = _run(q, c, t, temperature=0.05, reweighter=rw, tile_size=4)
+        tiled = _run(q, c, t, temperature=0.05, reweighter=rw, impl=impl(4))
         for f, g in zip(full, tiled, strict=True):
             torch.testing.assert_close(g, f, rtol=1e-10, atol=1e-12)
 
@@ -87,7 +88,7 @@ def test_half_precision_inputs_accumulate_in_float32():
     q, c, t = _batch(5, 15, 8, seed=1, dtype=torch.float64)
     ref = _run(q, c, t, temperature=0.05)
     for dtype in (torch.bfloat16, torch.float16):
-        got = _run(q.to(dtype), c.to(dtype), t, temperature=0.05, tile_size=4)
+        got = _run(q.to(dtype), c.to(dtype), t, temperature=0.05, impl=impl(4))
         assert got[0].dtype == torch.float32 and got[1].dtype == dtype
         for r, g in zip(ref, got, strict=True):
             torch.testing.assert_close(g.double(), r, rtol=3e-2, atol=3e-2)
@@ -118,33 +119,33 @@ def test_tiled_never_builds_the_full_matrix(name, options):
     for tile_size, bound in ((None, b * m), (tile, 2 * tile * tile)):
         spy = _LargestTensor()
         with spy:
-            _run(q, c, t, temperature=0.05, reweighter=rw, tile_size=tile_size, symmetric=True)
+            _run(q, c, t, temperature=0.05, reweighter=rw, impl=impl(tile_size), symmetric=True)
         if tile_size is None:
             assert spy.largest >= bound  # the spy does see the full matrix when there is one
         else:
             assert spy.largest <= max(bound, (b + m) * d), spy.largest
 
 
-def test_tiled_loss_component_and_forced_engines():
-    tiled = plugins.build("loss", "tiled")
+def test_tiled_loss_component_and_forced_backends():
+    tiled = plugins.build("loss", "tiled", tile_size=3)
     q, c, t = _batch(4, 9, 5, seed=2, dtype=torch.float64)
     ega = plugins.build("reweighter", "ega")
-    a = tiled(q, c, t, temperature=0.05, reweighter=ega, tile_size=3)
-    b = plugins.build("loss", "tiled", implementation="torch")(
-        q, c, t, temperature=0.05, reweighter=ega, tile_size=3
+    a = tiled(q, c, t, temperature=0.05, reweighter=ega)
+    b = plugins.build("loss", "tiled", tile_size=3, implementation="torch")(
+        q, c, t, temperature=0.05, reweighter=ega
     )
     assert torch.equal(a, b)
-    assert tiled.engine_for(q, ega).name == "torch"  # CPU tensors: PyTorch tiles
+    assert tiled.backend_for(q, ega).name == "torch"  # CPU tensors: PyTorch tiles
     with pytest.raises(ConfigError, match="implementation"):
         plugins.build("loss", "tiled", implementation="cuda")
 
 
 def test_forcing_triton_explains_why_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    tiled = plugins.build("loss", "tiled", implementation="triton")
+    tiled = plugins.build("loss", "tiled", tile_size=3, implementation="triton")
     q, c, t = _batch(4, 9, 5, seed=2, dtype=torch.float64)
     with pytest.raises(ConfigError) as info:
-        tiled(q, c, t, temperature=0.05, reweighter=L.PlainInfoNCE(), tile_size=3)
+        tiled(q, c, t, temperature=0.05, reweighter=L.PlainInfoNCE())
     assert "implementation=" in str(info.value)
 
 
@@ -157,7 +158,7 @@ def test_third_party_reweighter_runs_on_the_torch_tiles():
 
     q, c, t = _batch(5, 12, 4, seed=4, dtype=torch.float64)
     full = _run(q, c, t, temperature=0.1, reweighter=Halve())
-    tiled = _run(q, c, t, temperature=0.1, reweighter=Halve(), tile_size=5)
+    tiled = _run(q, c, t, temperature=0.1, reweighter=Halve(), impl=impl(5))
     for f, g in zip(full, tiled, strict=True):
         torch.testing.assert_close(g, f, rtol=1e-10, atol=1e-12)
     # independent check of the gradient: (p̄ − y)/B through s = q cᵀ / τ
@@ -181,7 +182,7 @@ def test_negatives_far_above_the_positive_do_not_overflow(dtype, tau):
     for name, options in REWEIGHTERS:
         rw = plugins.build("reweighter", name, **options)
         full = _run(q.to(dtype), c.to(dtype), t, temperature=tau, reweighter=rw)
-        tiled = _run(q.to(dtype), c.to(dtype), t, temperature=tau, reweighter=rw, tile_size=4)
+        tiled = _run(q.to(dtype), c.to(dtype), t, temperature=tau, reweighter=rw, impl=impl(4))
         assert all(torch.isfinite(x).all() for x in tiled), name
         for f, x in zip(full, tiled, strict=True):
             torch.testing.assert_close(x, f, rtol=rtol, atol=rtol * max(float(f.abs().max()), 1.0))

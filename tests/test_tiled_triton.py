@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+from loss_impls import impl
 
 REWEIGHTERS = [
     ("none", {}),
@@ -39,7 +40,7 @@ def compare(name, options, *, b, m, d, dtype, device, blocks=None, seed=0):
     """Max errors of the Triton engine against the PyTorch tiles (loss, dq, dc, dτ)."""
     import torch
     import torch.nn.functional as F
-    from mmemb_tiled.function import TiledCE, TorchEngine, TritonEngine
+    from mmemb_tiled.function import TiledCE, TorchTiles, TritonTiles
 
     from mmemb import plugins
 
@@ -49,10 +50,10 @@ def compare(name, options, *, b, m, d, dtype, device, blocks=None, seed=0):
     t = torch.randint(0, m, (b,), generator=g).to(device)
     rw = plugins.build("reweighter", name, **options)
     out = []
-    for engine in (TorchEngine(), TritonEngine(blocks)):
+    for backend in (TorchTiles(), TritonTiles(blocks)):
         q, c = q0.clone().requires_grad_(), c0.clone().requires_grad_()
         tau = torch.tensor(0.05, device=device, requires_grad=True)
-        loss = TiledCE.apply(q, c, t, tau, rw, 16, engine)
+        loss = TiledCE.apply(q, c, t, tau, rw, 16, backend, None)
         loss.backward()
         out.append([loss.detach(), q.grad.float(), c.grad.float(), tau.grad])
     errors = {}
@@ -131,12 +132,12 @@ def test_cuda_tensors_use_the_kernel_and_match_float64():
     q = F.normalize(torch.randn(256, 128, generator=g, dtype=torch.float64), dim=-1)
     c = F.normalize(torch.randn(768, 128, generator=g, dtype=torch.float64), dim=-1)
     t = torch.arange(256)
-    assert tiled.engine_for(q.float().cuda(), ega).name == "triton"
+    assert tiled.backend_for(q.float().cuda(), ega).name == "triton"
     grads = []
     for qq, cc, tt in ((q, c, t), (q.float().cuda(), c.float().cuda(), t.cuda())):
         qq, cc = qq.clone().requires_grad_(), cc.clone().requires_grad_()
         tile = None if qq.device.type == "cpu" else 64
-        L.contrastive_loss(qq, cc, tt, temperature=0.02, reweighter=ega, tile_size=tile,
+        L.contrastive_loss(qq, cc, tt, temperature=0.02, reweighter=ega, impl=impl(tile),
                            symmetric=True).backward()
         grads.append((qq.grad.double().cpu(), cc.grad.double().cpu()))
     for ref, got in zip(*grads, strict=True):

@@ -44,6 +44,7 @@ def command(recipe: str, overrides: tuple[str, ...], resume: str | None, help_re
 
     On SIGTERM or SIGUSR1 (a scheduler's warning before it kills the job) training finishes the
     current step, writes a checkpoint and exits with status 75; rerun with `--resume latest`.
+    With train.stop_on_collapse=true a collapsed run stops with status 3.
 
     \b
     Examples:
@@ -55,6 +56,7 @@ def command(recipe: str, overrides: tuple[str, ...], resume: str | None, help_re
     """
     from mmemb.recipe import load_recipe
     from mmemb.train import PREEMPTED_EXIT_CODE, Preempted, train
+    from mmemb.train.collapse import COLLAPSED_EXIT_CODE, Collapsed
 
     loaded = load_recipe(recipe, overrides)
     if help_recipe:
@@ -67,3 +69,6 @@ def command(recipe: str, overrides: tuple[str, ...], resume: str | None, help_re
     except Preempted as exc:
         click.echo(str(exc), err=True)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Collapsed as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(COLLAPSED_EXIT_CODE)

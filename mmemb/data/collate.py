@@ -13,6 +13,7 @@ r * B * (1 + K)).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ class Batch:
     num_negatives: int
     datasets: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+    keys: torch.Tensor | None = None
+    """(B·(1+K),) int64 content key of each candidate (:func:`content_key`): the loss masks a
+    column whose key equals a row's positive's, so a copy of the positive is never a negative."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,6 +55,7 @@ class Batch:
             num_negatives=self.num_negatives,
             datasets=list(self.datasets),
             ids=list(self.ids),
+            keys=None if self.keys is None else self.keys.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
@@ -62,7 +67,26 @@ class Batch:
             num_negatives=self.num_negatives,
             datasets=self.datasets,
             ids=self.ids,
+            keys=None if self.keys is None else self.keys.pin_memory(),
         )
+
+
+def content_key(item: Item) -> int:
+    """A signed 64-bit hash of what an item shows the model (instruction, text and image bytes):
+    equal keys mean the same input, hence the same embedding. Each field is flagged present or
+    absent and length-prefixed, so bytes cannot move between fields to make two items collide."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (
+        None if item.instruction is None else item.instruction.encode(),
+        None if item.text is None else item.text.encode(),
+        item.image,
+    ):
+        if part is None:
+            h.update(b"\0")
+        else:
+            h.update(b"\1" + len(part).to_bytes(8, "little"))
+            h.update(part)
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 class Collator:
@@ -103,4 +127,5 @@ class Collator:
             num_negatives=self.num_negatives,
             datasets=[s.dataset for s in samples],
             ids=[s.id for s in samples],
+            keys=torch.tensor([content_key(item) for item in candidates], dtype=torch.long),
         )

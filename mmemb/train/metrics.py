@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mmemb.loss import Reweighter, loss_diagnostics
+from mmemb.loss import ContrastiveLoss
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,13 @@ def step_statistics(
     targets: torch.Tensor,
     *,
     negatives: int,
-    temperature: float,
-    reweighter: Reweighter | None,
+    loss: ContrastiveLoss,
+    keys: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """This rank's batch: mean cosine with the positive and with the query's own hard negatives,
-    and the reweighter's mean amplification of the negatives' gradient share (1 = none)."""
+    and the loss's diagnostics (``mmemb.loss.loss_diagnostics``: the hardest negative's
+    similarity, how much the reweighter shifted the gradient towards hard negatives, ...).
+    Recomputes the logits: call it at log steps, not every step."""
     with torch.no_grad():
         b = q.shape[0]
         qn = torch.nn.functional.normalize(q.float(), dim=-1)
@@ -68,6 +70,8 @@ def step_statistics(
         if negatives:
             negs = cn[b:].view(b, negatives, -1)
             stats["hard_neg_sim"] = float(torch.einsum("bd,bkd->bk", qn, negs).mean())
-        diag = loss_diagnostics(q, c, targets, temperature=temperature, reweighter=reweighter)
-        stats["amplification"] = diag["amplification"]
+        diag = loss.diagnostics(q, c, targets, keys=keys)
+        for key in ("hardest_neg_sim", "pos_prob", "amplification", "hard_share",
+                    "negative_mass", "removed_fraction"):
+            stats[key] = diag[key]
     return stats

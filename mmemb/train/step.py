@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from mmemb.data.collate import Batch
-from mmemb.loss import Reweighter, gathered_contrastive_loss
-from mmemb.recipe import LossConfig, TrainConfig
+from mmemb.loss import ContrastiveLoss
+from mmemb.recipe import TrainConfig
 from mmemb.train.engines.base import Engine
 from mmemb.train.grad_cache import grad_cache_step
 
@@ -25,26 +25,21 @@ class StepResult:
 
 
 @dataclass
-class LossFn:
-    """The recipe's contrastive loss on embeddings, gathered across ranks."""
+class BatchLoss:
+    """The recipe's loss bound to one batch's targets and content keys: embeddings -> loss."""
 
-    cfg: LossConfig
-    reweighter: Reweighter | None
-    targets: torch.Tensor
+    loss: ContrastiveLoss
+    batch: Batch
 
     def __call__(self, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return gathered_contrastive_loss(
-            q, c, self.targets, temperature=self.cfg.temperature, reweighter=self.reweighter,
-            tile_size=self.cfg.tile_size, symmetric=self.cfg.symmetric,
-        )
+        return self.loss(q, c, self.batch.targets, keys=self.batch.keys)
 
 
 def compute_step(
     engine: Engine,
     batch: Batch,
-    loss_cfg: LossConfig,
+    loss: ContrastiveLoss,
     train_cfg: TrainConfig,
-    reweighter: Reweighter | None,
     *,
     check_loss: Callable[[torch.Tensor], None],
 ) -> StepResult:
@@ -53,7 +48,7 @@ def compute_step(
     `check_loss` is called with the loss before any backward, on every rank (it may raise to stop
     training before a non-finite loss touches the weights).
     """
-    loss_fn = LossFn(loss_cfg, reweighter, batch.targets)
+    loss_fn = BatchLoss(loss, batch)
     gc = train_cfg.grad_cache
     if gc is not None:
         out = grad_cache_step(
@@ -65,7 +60,7 @@ def compute_step(
         )
         return StepResult(out.loss, out.q, out.c)
     q, c = engine.forward_pair(batch.query, batch.candidates)
-    loss = loss_fn(q, c)
-    check_loss(loss)
-    engine.backward(loss, last=True)
-    return StepResult(loss.detach(), q.detach(), c.detach())
+    value = loss_fn(q, c)
+    check_loss(value)
+    engine.backward(value, last=True)
+    return StepResult(value.detach(), q.detach(), c.detach())

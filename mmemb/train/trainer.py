@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmemb import plugins
 from mmemb.distributed import (
     DistEnv,
     barrier,
@@ -30,10 +29,12 @@ from mmemb.distributed import (
 )
 from mmemb.encoder_io import save_encoder
 from mmemb.errors import MmembError
+from mmemb.loss import ContrastiveLoss, build_loss
 from mmemb.model import Encoder
 from mmemb.progress import Progress
 from mmemb.recipe import LoadedRecipe
 from mmemb.train import checkpoint as ckpt
+from mmemb.train.collapse import CollapseAlarm, Collapsed
 from mmemb.train.data import ensure_prepared, shard_dir
 from mmemb.train.engines import Engine, EngineSetup, build_engine
 from mmemb.train.metrics import MetricsWriter, step_statistics
@@ -134,6 +135,8 @@ class _Run:
         self.last_checkpoint: Path | None = None
         self.global_loss = math.nan
         self.preempt_agreed = False
+        self.alarm = CollapseAlarm(self.r.train.warmup_steps, dict(self.r.loss.reweighter))
+        self.collapsed: str | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def execute(self, resume: str | Path | None) -> TrainResult:
@@ -152,8 +155,7 @@ class _Run:
 
         encoder = build_model(self.loaded).to(self.device)
         preflight(self.loaded, encoder, env)
-        self.reweighter = plugins.build_from("reweighter", r.loss.reweighter,
-                                             where="loss.reweighter")
+        self.loss: ContrastiveLoss = build_loss(r.loss.spec(), where="loss")
         self.loader = make_train_loader(
             [(shard_dir(self.loaded, e), e.weight) for e in r.data.train],
             batch_size=r.train.batch_size,
@@ -204,7 +206,9 @@ class _Run:
         self.echo(
             f"global batch {global_batch} queries x (1 positive + {t.negatives} hard negatives) "
             f"= {candidates} candidates: {candidates - 1} negatives per query "
-            f"(reweighter={r.loss.reweighter['name']}, temperature={r.loss.temperature})"
+            f"(loss={r.loss.name}, reweighter={r.loss.reweighter['name']}, "
+            f"temperature={r.loss.temperature}, mask_duplicate_positives="
+            f"{str(r.loss.mask_duplicate_positives).lower()})"
         )
         gc = t.grad_cache
         self.echo(
@@ -236,7 +240,7 @@ class _Run:
         return check
 
     def _loop(self, engine: Engine, encoder: Encoder, start: int) -> list[dict[str, Any]]:
-        r, t = self.r, self.r.train
+        t = self.r.train
         if self.env.is_main and self.save:
             _truncate_metrics(self.out_dir / "metrics.jsonl", start)
         metrics = MetricsWriter(self.out_dir, enabled=self.env.is_main and self.save,
@@ -258,7 +262,7 @@ class _Run:
                         "data.resample: true (an endless stream) or lower train.steps."
                     ) from None
                 batch = batch.to(self.device)
-                out = compute_step(engine, batch, r.loss, t, self.reweighter,
+                out = compute_step(engine, batch, self.loss, t,
                                    check_loss=self._check_loss(flag, step))
                 grad_norm = engine.step()
                 elapsed = time.perf_counter() - t0
@@ -266,11 +270,20 @@ class _Run:
                     "step": step, "loss": self.global_loss, "lr": engine.lr,
                     "grad_norm": grad_norm,
                     "samples_per_s": len(batch) * self.env.world_size / max(elapsed, 1e-9),
-                    **step_statistics(out.q, out.c, batch.targets, negatives=t.negatives,
-                                      temperature=r.loss.temperature, reweighter=self.reweighter),
+                    "masked_duplicates": self.loss.last_masked,
                 }
+                if step % t.log_every == 0 or step == start + 1:
+                    record.update(step_statistics(out.q, out.c, batch.targets,
+                                                  negatives=t.negatives, loss=self.loss,
+                                                  keys=batch.keys))
+                    self._check_collapse(step, record, out.c.shape[0], len(batch))
                 history.append(record)
                 metrics.write(record)
+                if self.collapsed is not None:
+                    metrics.close()
+                    raise Collapsed(
+                        f"{self.collapsed} Stopped (train.stop_on_collapse); no model was saved."
+                    )
                 bar.update(1, loss=record["loss"], lr=record["lr"],
                            samples_per_s=round(record["samples_per_s"], 1))
                 if self.save and t.save_every and step % t.save_every == 0 and step < self.steps:
@@ -287,6 +300,31 @@ class _Run:
         if self.save and history:
             self._checkpoint(engine, self.steps, history[-1])
         return history
+
+    def _check_collapse(
+        self, step: int, record: dict[str, Any], local_candidates: int, local_rows: int
+    ) -> None:
+        # candidates a row is scored against: every rank's (equal batches), less its masked copies
+        values = torch.tensor(
+            [record["pos_sim"], record["hardest_neg_sim"],
+             local_candidates - self.loss.last_masked / max(local_rows, 1)],
+            dtype=torch.float64, device=self.device,
+        )
+        if self.env.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(values)  # every rank must reach the same verdict (stop_on_collapse)
+            values /= self.env.world_size
+        pos_sim, hardest, per_row = values.tolist()
+        warning = self.alarm.check(
+            step, loss=record["loss"], candidates_per_row=per_row * self.env.world_size,
+            pos_sim=pos_sim, hardest_neg_sim=hardest,
+        )
+        if warning is None:
+            return
+        record["collapse"] = warning
+        log.warning("%s", warning)
+        self.echo(f"warning: {warning}")
+        if self.r.train.stop_on_collapse:
+            self.collapsed = warning
 
     def _checkpoint(self, engine: Engine, step: int, record: dict[str, Any]) -> Path:
         if self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{step:08d}":

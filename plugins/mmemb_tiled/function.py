@@ -1,4 +1,4 @@
-"""The autograd function of the tiled loss and the engines it runs on (PyTorch tiles, Triton)."""
+"""The autograd function of the tiled loss and the backends it runs on (PyTorch tiles, Triton)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from typing import Any, Protocol
 
 import torch
 
-from mmemb.loss import Reweighter, RowStats
+from mmemb.loss import DuplicateKeys, Reweighter, RowStats
 from mmemb_tiled import torch_tiles
 
 
-class Engine(Protocol):
+class TileBackend(Protocol):
     """One implementation of the tiled algorithm's two passes."""
 
     name: str
 
     def forward(
         self, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, z_pos: torch.Tensor,
-        tau: float, rw: Reweighter, tile: int,
+        tau: float, rw: Reweighter, tile: int, keys: DuplicateKeys | None,
     ) -> tuple[torch.Tensor, RowStats, torch.Tensor]:
         """(lse (B,), row statistics, reweighted positive logits (B,))."""
         ...
@@ -27,22 +27,22 @@ class Engine(Protocol):
     def backward(
         self, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, z_pos: torch.Tensor,
         lse: torch.Tensor, stats: RowStats, scale: torch.Tensor, tau: float, rw: Reweighter,
-        tile: int, *, need_dq: bool, need_dc: bool,
+        tile: int, keys: DuplicateKeys | None, *, need_dq: bool, need_dc: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(dq, dc) in the accumulation dtype, None where not needed."""
         ...
 
 
-class TorchEngine:
+class TorchTiles:
     """PyTorch tiles: every device, every reweighter, float32/float64 accumulation."""
 
     name = "torch"
 
     def forward(
         self, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, z_pos: torch.Tensor,
-        tau: float, rw: Reweighter, tile: int,
+        tau: float, rw: Reweighter, tile: int, keys: DuplicateKeys | None,
     ) -> tuple[torch.Tensor, RowStats, torch.Tensor]:
-        lse, stats = torch_tiles.forward(q, c, targets, z_pos, tau, rw, tile)
+        lse, stats = torch_tiles.forward(q, c, targets, z_pos, tau, rw, tile, keys)
         zt_pos = z_pos
         if rw.transforms_logits:
             zp = z_pos[:, None]
@@ -53,16 +53,19 @@ class TorchEngine:
     def backward(
         self, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, z_pos: torch.Tensor,
         lse: torch.Tensor, stats: RowStats, scale: torch.Tensor, tau: float, rw: Reweighter,
-        tile: int, *, need_dq: bool, need_dc: bool,
+        tile: int, keys: DuplicateKeys | None, *, need_dq: bool, need_dc: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return torch_tiles.backward(
-            q, c, targets, z_pos, lse, stats, scale, tau, rw, tile,
+            q, c, targets, z_pos, lse, stats, scale, tau, rw, tile, keys,
             need_dq=need_dq, need_dc=need_dc,
         )
 
 
-class TritonEngine:
-    """The fused Triton kernels, for reweighters with a `FusedForm` (positives never change)."""
+class TritonTiles:
+    """The fused Triton kernels, for reweighters with a `FusedForm` (positives never change).
+
+    The kernels do not mask duplicate positives yet: the loss sends calls with keys to
+    :class:`TorchTiles` (see ``TiledContrastiveLoss.backend_for``)."""
 
     name = "triton"
 
@@ -74,20 +77,20 @@ class TritonEngine:
 
     def forward(
         self, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, z_pos: torch.Tensor,
-        tau: float, rw: Reweighter, tile: int,
+        tau: float, rw: Reweighter, tile: int, keys: DuplicateKeys | None,
     ) -> tuple[torch.Tensor, RowStats, torch.Tensor]:
         form = rw.fused_form()
-        assert form is not None
+        assert form is not None and keys is None
         lse, stats = self._k.forward(q, c, targets, z_pos, tau, form, self.blocks)
         return lse, stats, z_pos
 
     def backward(
         self, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, z_pos: torch.Tensor,
         lse: torch.Tensor, stats: RowStats, scale: torch.Tensor, tau: float, rw: Reweighter,
-        tile: int, *, need_dq: bool, need_dc: bool,
+        tile: int, keys: DuplicateKeys | None, *, need_dq: bool, need_dc: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         form = rw.fused_form()
-        assert form is not None
+        assert form is not None and keys is None
         return self._k.backward(
             q, c, targets, z_pos, lse, stats, scale, tau, form, self.blocks,
             need_dq=need_dq, need_dc=need_dc,
@@ -116,24 +119,26 @@ class TiledCE(torch.autograd.Function):
         tau_t: torch.Tensor,
         rw: Reweighter,
         tile: int,
-        engine: Engine,
+        backend: TileBackend,
+        keys: DuplicateKeys | None,
     ) -> torch.Tensor:
         tau = float(tau_t)
         z_pos = torch_tiles.positive_logits(q.detach(), c.detach(), targets, tau)
-        lse, stats, zt_pos = engine.forward(q, c, targets, z_pos, tau, rw, tile)
+        lse, stats, zt_pos = backend.forward(q, c, targets, z_pos, tau, rw, tile, keys)
         loss = (lse - zt_pos.to(lse.dtype)).mean()
-        ctx.tau, ctx.rw, ctx.tile, ctx.engine, ctx.keys = tau, rw, tile, engine, list(stats)
+        ctx.tau, ctx.rw, ctx.tile, ctx.backend = tau, rw, tile, backend
+        ctx.dup_keys, ctx.stat_names = keys, list(stats)
         ctx.save_for_backward(q, c, targets, tau_t, z_pos, lse, *stats.values())
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, c, targets, tau_t, z_pos, lse, *values = ctx.saved_tensors
-        stats = dict(zip(ctx.keys, values, strict=True))
+        stats = dict(zip(ctx.stat_names, values, strict=True))
         need_q, need_c, _, need_tau = ctx.needs_input_grad[:4]
         scale = grad_out.detach() / q.shape[0]
-        dq, dc = ctx.engine.backward(
-            q, c, targets, z_pos, lse, stats, scale, ctx.tau, ctx.rw, ctx.tile,
+        dq, dc = ctx.backend.backward(
+            q, c, targets, z_pos, lse, stats, scale, ctx.tau, ctx.rw, ctx.tile, ctx.dup_keys,
             need_dq=bool(need_q or need_tau), need_dc=bool(need_c),
         )
         dtau = None
@@ -147,6 +152,7 @@ class TiledCE(torch.autograd.Function):
             dc.to(c.dtype) if need_c and dc is not None else None,
             None,
             dtau,
+            None,
             None,
             None,
             None,

@@ -1,29 +1,37 @@
-"""The ``tiled`` loss component: picks an engine and applies the tiled autograd function."""
+"""The ``tiled`` loss component: picks a backend and applies the tiled autograd function."""
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmemb.errors import ConfigError
-from mmemb.loss import Reweighter
+from mmemb.loss import DuplicateKeys, Reweighter
 from mmemb_tiled.function import (
-    Engine,
+    TileBackend,
     TiledCE,
-    TorchEngine,
-    TritonEngine,
+    TorchTiles,
+    TritonTiles,
     triton_installed,
     triton_interpreting,
 )
 
+log = logging.getLogger(__name__)
+
 
 class TiledLossConfig(BaseModel):
-    """Options of the ``tiled`` loss."""
+    """Options of the ``tiled`` loss: ``loss: {name: tiled, tile_size: …, implementation: …}``."""
 
     model_config = ConfigDict(extra="forbid")
 
+    tile_size: int = Field(
+        default=1024, gt=0,
+        description="rows and columns of one PyTorch tile (the Triton kernel uses its own blocks); "
+        "memory O(tile_size²) logits; 1024–2048 are good on CPU",
+    )
     implementation: Literal["auto", "torch", "triton"] = Field(
         default="auto",
         description="auto: the Triton kernel for CUDA tensors when triton is installed and the "
@@ -34,29 +42,39 @@ class TiledLossConfig(BaseModel):
 class TiledContrastiveLoss:
     """One direction of the contrastive loss without materialising the B×M logits.
 
-    Expects ``q`` (B, D), ``c`` (M, D), ``targets`` (B,), a temperature and a
-    :class:`mmemb.loss.Reweighter`; returns ``mean_i [logsumexp_j z'_ij − z'_i+]`` with the
-    reweighter's gradients, equal to the full-matrix computation to floating-point tolerance,
-    in O((B+M)·D + tile²) memory. ``tile_size`` is the PyTorch tile (rows and columns); the Triton
-    kernel uses its own block sizes. Reached through ``mmemb.loss.contrastive_loss(...,
-    tile_size=T)`` or ``mmemb.plugins.build("loss", "tiled")``.
+    Expects ``q`` (B, D), ``c`` (M, D), ``targets`` (B,), a temperature, a
+    :class:`mmemb.loss.Reweighter` and optionally duplicate-positive ``keys``; returns
+    ``mean_i [logsumexp_j z'_ij − z'_i+]`` with the reweighter's gradients, equal to the
+    full-matrix computation (loss ``full``) to floating-point tolerance, in
+    O((B+M)·D + tile²) memory. Registered as loss ``tiled``: a recipe selects it with
+    ``loss: {name: tiled, tile_size: 1024}``.
 
     Reference: the tiling follows Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite
     Batch Size Scaling for Contrastive Loss" (Inf-CL), extended with the reweighter transforms.
 
     Example::
 
-        >>> tiled = mmemb.plugins.build("loss", "tiled")
-        >>> loss = tiled(q, c, t, temperature=0.02, reweighter=ega, tile_size=1024)
+        >>> tiled = mmemb.plugins.build("loss", "tiled", tile_size=1024)
+        >>> loss = mmemb.loss.contrastive_loss(q, c, t, temperature=0.02, impl=tiled)
     """
+
+    name = "tiled"
 
     def __init__(self, config: TiledLossConfig | None = None) -> None:
         self.config = config or TiledLossConfig()
-        self._torch = TorchEngine()
-        self._triton: TritonEngine | None = None
+        self.tile_size = self.config.tile_size
+        self._torch = TorchTiles()
+        self._triton: TritonTiles | None = None
+        self._told: set[str] = set()
 
-    def engine_for(self, q: torch.Tensor, reweighter: Reweighter) -> Engine:
-        """The engine this call runs on."""
+    def __repr__(self) -> str:
+        return (f"TiledContrastiveLoss(tile_size={self.tile_size}, "
+                f"implementation={self.config.implementation!r})")
+
+    def backend_for(
+        self, q: torch.Tensor, reweighter: Reweighter, keys: DuplicateKeys | None = None
+    ) -> TileBackend:
+        """The backend this call runs on."""
         impl = self.config.implementation
         if impl == "torch":
             return self._torch
@@ -64,28 +82,48 @@ class TiledContrastiveLoss:
             return self._torch
         from mmemb_tiled.triton_kernel import supports
 
-        ok = supports(reweighter.fused_form(), q.dtype)
+        form = reweighter.fused_form()
+        ok = supports(form, q.dtype) and keys is None
         if impl == "auto":
-            return self._triton_engine() if ok else self._torch
+            if not ok:
+                self._tell_fallback(reweighter, q.dtype, keys)
+                return self._torch
+            return self._triton_backend()
         problems = []
         if not triton_installed():
             problems.append("loss.implementation=triton: triton is not installed "
                             "(pip install 'mmemb[triton]'), or use implementation=auto.")
         elif not ok:
+            what = ("duplicate-positive masking (loss.mask_duplicate_positives)" if keys is not None
+                    and supports(form, q.dtype) else f"{reweighter!r} with {q.dtype} inputs")
             problems.append(
-                f"loss.implementation=triton: the Triton kernel does not implement {reweighter!r} "
-                f"with {q.dtype} inputs; use implementation=auto (falls back to PyTorch tiles)."
+                f"loss.implementation=triton: the Triton kernel does not implement {what}; use "
+                "implementation=auto (falls back to PyTorch tiles)."
             )
         elif not (q.is_cuda or triton_interpreting()):
             problems.append("loss.implementation=triton: inputs are on the CPU; the kernel needs "
                             "CUDA tensors (or TRITON_INTERPRET=1 for testing).")
         if problems:
             raise ConfigError(problems)
-        return self._triton_engine()
+        return self._triton_backend()
 
-    def _triton_engine(self) -> TritonEngine:
+    def _tell_fallback(
+        self, reweighter: Reweighter, dtype: torch.dtype, keys: DuplicateKeys | None
+    ) -> None:
+        # Once per reason: a silent fallback from the fused kernel costs real speed on a GPU.
+        if reweighter.fused_form() is None:
+            reason = f"{reweighter!r} has no fused form (Reweighter.fused_form)"
+        elif keys is not None:
+            reason = "the kernel does not mask duplicate positives yet"
+        else:
+            reason = f"the kernel does not support {reweighter!r} with {dtype} inputs"
+        if reason not in self._told:
+            self._told.add(reason)
+            log.warning("tiled loss: using PyTorch tiles instead of the Triton kernel: %s", reason)
+
+    def _triton_backend(self) -> TritonTiles:
         if self._triton is None:
-            self._triton = TritonEngine()
+            self._triton = TritonTiles()
         return self._triton
 
     def __call__(
@@ -96,12 +134,14 @@ class TiledContrastiveLoss:
         *,
         temperature: float | torch.Tensor,
         reweighter: Reweighter,
-        tile_size: int,
-        engine: Engine | None = None,
+        keys: DuplicateKeys | None = None,
+        backend: TileBackend | None = None,
     ) -> torch.Tensor:
-        engine = engine or self.engine_for(q, reweighter)
+        backend = backend or self.backend_for(q, reweighter, keys)
         if isinstance(temperature, torch.Tensor):
             tau_t = temperature.reshape(())
         else:
             tau_t = torch.tensor(float(temperature), dtype=torch.float64)
-        return TiledCE.apply(q, c, targets.long(), tau_t, reweighter, int(tile_size), engine)
+        return TiledCE.apply(
+            q, c, targets.long(), tau_t, reweighter, int(self.tile_size), backend, keys
+        )

@@ -9,13 +9,16 @@ extra pass first when its logit transform needs them). Backward: recompute each 
 The logits of a tile are computed the same way in every pass (``(q/τ) cᵀ`` on the same slices), so
 forward and backward see bit-identical values: a threshold found in one pass selects the same
 candidates in the next.
+
+Columns that copy a row's positive (``keys``) are set to −∞ in every pass before anything reads
+the tile, so they take part in no statistic, no log-sum-exp and no gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mmemb.loss import Reweighter, RowStats, positive_mask
+from mmemb.loss import DuplicateKeys, Reweighter, RowStats, duplicate_mask, positive_mask
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,18 +55,25 @@ def _safe_lse(
     tau: float,
     rw: Reweighter,
     tile: int,
+    keys: DuplicateKeys | None,
 ) -> torch.Tensor:
     """Row log-sum-exp with a running max per tile: the exact fallback of the shifted sum."""
     running: torch.Tensor | None = None
     for c0 in range(0, c_acc.shape[0], tile):
         c1 = min(c_acc.shape[0], c0 + tile)
-        z = qs @ c_acc[c0:c1].T
+        is_pos = positive_mask(t, c0, c1)
+        z = _masked(qs @ c_acc[c0:c1].T, duplicate_mask(keys, t, c0, c1, is_pos=is_pos))
         if rw.transforms_logits:
-            z = rw.transform_logits(z, zp, positive_mask(t, c0, c1), temperature=tau, stats=stats)
+            z = rw.transform_logits(z, zp, is_pos, temperature=tau, stats=stats)
         part = _row_logsumexp_(z)
         running = part if running is None else torch.logaddexp(running, part)
     assert running is not None
     return running
+
+
+def _masked(z: torch.Tensor, dup: torch.Tensor | None) -> torch.Tensor:
+    """``z`` with the duplicate-positive columns at −∞ (in place)."""
+    return z if dup is None else z.masked_fill_(dup, -torch.inf)
 
 
 def forward(
@@ -74,6 +84,7 @@ def forward(
     tau: float,
     rw: Reweighter,
     tile: int,
+    keys: DuplicateKeys | None = None,
 ) -> tuple[torch.Tensor, RowStats]:
     """Per-row log-sum-exp of the reweighted logits (B,) and the finalised row statistics.
 
@@ -88,7 +99,7 @@ def forward(
     acc = acc_dtype(q.dtype)
     c_acc = c.detach().to(acc)
     lse = torch.empty(b, dtype=acc, device=q.device)
-    need_pos = rw.transforms_logits or rw.has_row_stats
+    need_pos = rw.transforms_logits or rw.has_row_stats or keys is not None
     parts: list[RowStats] = []
     for r0 in range(0, b, tile):
         r1 = min(b, r0 + tile)
@@ -96,24 +107,25 @@ def forward(
         qs = q_r / tau if need_pos else q_r
         t = targets[r0:r1]
         zp = z_pos[r0:r1, None]
+        keys_r = None if keys is None else keys.rows_slice(r0, r1)
         stats: RowStats = {}
         if rw.has_row_stats:
             stats = rw.init_row_stats(r1 - r0, device=q.device, dtype=acc)
             if rw.logits_use_stats:
                 for c0 in range(0, m, tile):
                     c1 = min(m, c0 + tile)
-                    z = qs @ c_acc[c0:c1].T
-                    stats = rw.update_row_stats(
-                        stats, z, zp, positive_mask(t, c0, c1), temperature=tau
-                    )
+                    is_pos = positive_mask(t, c0, c1)
+                    z = _masked(qs @ c_acc[c0:c1].T,
+                                duplicate_mask(keys_r, t, c0, c1, is_pos=is_pos))
+                    stats = rw.update_row_stats(stats, z, zp, is_pos, temperature=tau)
                 stats = rw.finalize_row_stats(stats, temperature=tau)
         total = torch.zeros(r1 - r0, dtype=acc, device=q.device)
         neg_zp = -zp
         for c0 in range(0, m, tile):
             c1 = min(m, c0 + tile)
             if need_pos:
-                z = qs @ c_acc[c0:c1].T
                 is_pos = positive_mask(t, c0, c1)
+                z = _masked(qs @ c_acc[c0:c1].T, duplicate_mask(keys_r, t, c0, c1, is_pos=is_pos))
                 if rw.has_row_stats and not rw.logits_use_stats:
                     stats = rw.update_row_stats(stats, z, zp, is_pos, temperature=tau)
                 if rw.transforms_logits:
@@ -131,11 +143,12 @@ def forward(
             lse_r[idx] = _safe_lse(
                 q_r[idx] / tau, c_acc, t[idx], zp[idx], {k: v[idx] for k, v in stats.items()},
                 tau, rw, tile,
+                None if keys_r is None else DuplicateKeys(keys_r.rows[idx], keys_r.cols),
             )
         lse[r0:r1] = lse_r
         parts.append(stats)
-    keys = list(parts[0]) if parts else []
-    return lse, {k: torch.cat([s[k] for s in parts]) for k in keys}
+    names = list(parts[0]) if parts else []
+    return lse, {k: torch.cat([s[k] for s in parts]) for k in names}
 
 
 def backward(
@@ -149,6 +162,7 @@ def backward(
     tau: float,
     rw: Reweighter,
     tile: int,
+    keys: DuplicateKeys | None = None,
     *,
     need_dq: bool,
     need_dc: bool,
@@ -165,7 +179,7 @@ def backward(
     if dq is None and dc is None:
         return None, None
     g = float(scale)
-    need_pos = rw.transforms_logits or rw.transforms_probs
+    need_pos = rw.transforms_logits or rw.transforms_probs or keys is not None
     for r0 in range(0, b, tile):
         r1 = min(b, r0 + tile)
         q_r = q[r0:r1].detach().to(acc)  # a view for float32/float64 inputs
@@ -176,12 +190,13 @@ def backward(
         neg_lse = -lse_r
         stats_r = {k: v[r0:r1] for k, v in stats.items()}
         rows = torch.arange(r1 - r0, device=q.device)
+        keys_r = None if keys is None else keys.rows_slice(r0, r1)
         for c0 in range(0, m, tile):
             c1 = min(m, c0 + tile)
             cc = c_acc[c0:c1]
             if need_pos:
-                z = qs @ cc.T
                 is_pos = positive_mask(t, c0, c1)
+                z = _masked(qs @ cc.T, duplicate_mask(keys_r, t, c0, c1, is_pos=is_pos))
                 zt = (
                     rw.transform_logits(z, zp, is_pos, temperature=tau, stats=stats_r)
                     if rw.transforms_logits

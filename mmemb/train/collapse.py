@@ -1,0 +1,69 @@
+"""The collapse alarm: a run whose scores stopped telling candidates apart says so, once.
+
+A contrastive run has collapsed when every candidate of a row gets the same score: the loss then
+sits at ``ln(candidates per row)`` and the positive is no more similar than the hardest negative.
+It happens with too high a learning rate, or with a reweighter that pushes every query away from
+every candidate (un-normalised EGA from scratch: every negative starts "hard"). Nothing fails, so
+without an alarm a user finds out only from the final score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mmemb.errors import MmembError
+
+COLLAPSED_EXIT_CODE = 3
+"""Exit status of `mmemb train` stopped by ``train.stop_on_collapse`` (1 is a user error)."""
+
+
+class Collapsed(MmembError):
+    """Training stopped because the run collapsed and ``train.stop_on_collapse`` is set."""
+
+
+@dataclass
+class CollapseAlarm:
+    """Checked at each log interval after warm-up; fires once after ``patience`` collapsed checks
+    in a row.
+
+    A check is collapsed when the loss is within ``rel_tol`` of ``ln(candidates per row)`` (the
+    loss of uniform scores) or the mean positive and hardest-negative similarities differ by less
+    than ``sim_tol``.
+    """
+
+    warmup_steps: int
+    reweighter: dict[str, Any]
+    patience: int = 3
+    rel_tol: float = 0.01
+    sim_tol: float = 1e-3
+    streak: int = 0
+    fired: bool = False
+
+    def check(
+        self, step: int, *, loss: float, candidates_per_row: float, pos_sim: float,
+        hardest_neg_sim: float,
+    ) -> str | None:
+        """The warning line when the alarm fires at this check, else None."""
+        if self.fired or step <= self.warmup_steps or candidates_per_row <= 1:
+            return None
+        uniform = math.log(candidates_per_row)
+        flat_loss = abs(loss - uniform) <= self.rel_tol * uniform
+        flat_sims = abs(pos_sim - hardest_neg_sim) < self.sim_tol
+        self.streak = self.streak + 1 if (flat_loss or flat_sims) else 0
+        if self.streak < self.patience:
+            return None
+        self.fired = True
+        what = (f"loss {loss:.4f} ≈ ln({candidates_per_row:.0f}) = {uniform:.4f}" if flat_loss
+                else f"positive similarity {pos_sim:.4f} ≈ hardest negative {hardest_neg_sim:.4f}")
+        return f"collapse at step {step}: {what} for {self.patience} log intervals. {self._fix()}"
+
+    def _fix(self) -> str:
+        name = self.reweighter.get("name")
+        if name == "ega" and not self.reweighter.get("normalize", True):
+            return ("Likely cause: un-normalised EGA amplifies every negative of a model whose "
+                    "negatives all look hard. Fix: loss.reweighter.normalize=true, or a lower "
+                    "train.lr / more train.warmup_steps.")
+        return ("Likely cause: too high a learning rate for this batch. Fix: lower train.lr or "
+                "raise train.warmup_steps; check the data gives distinct positives.")
