@@ -272,7 +272,7 @@ class _Run:
                     "samples_per_s": len(batch) * self.env.world_size / max(elapsed, 1e-9),
                     "masked_duplicates": self.loss.last_masked,
                 }
-                if step % t.log_every == 0 or step == start + 1:
+                if step % t.log_every == 0 or step in (start + 1, self.steps):
                     record.update(step_statistics(out.q, out.c, batch.targets,
                                                   negatives=t.negatives, loss=self.loss,
                                                   keys=batch.keys))
