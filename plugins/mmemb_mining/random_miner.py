@@ -6,7 +6,7 @@ import random
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmemb.mine import MiningStats, Ranked
+from mmemb.mine import Choice, Ranked
 
 
 class RandomConfig(BaseModel):
@@ -20,20 +20,16 @@ class RandomMiner:
 
     def __init__(self, config: RandomConfig) -> None:
         self.config = config
+        self.num_negatives = config.num_negatives
 
-    def choose(
-        self, ranked: Ranked, *, pool_size: int, rng: random.Random, stats: MiningStats
-    ) -> list[int]:
-        others = pool_size - (1 if ranked.pos_index >= 0 else 0)
-        n = min(self.config.num_negatives, others)
+    def choose(self, ranked: Ranked, *, pool_size: int, rng: random.Random) -> Choice:
+        n = min(self.config.num_negatives, pool_size - len(ranked.positives))
         chosen: list[int] = []
-        seen = {ranked.pos_index}
+        seen = set(ranked.positives)
+        # Rejection sampling: cheap while n is small against the pool, the usual case.
         while len(chosen) < n:
             j = rng.randrange(pool_size)
             if j not in seen:
                 seen.add(j)
                 chosen.append(j)
-        if n < self.config.num_negatives:
-            stats.short += 1
-        stats.chosen += n
-        return chosen
+        return Choice(indices=chosen)
