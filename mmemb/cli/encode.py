@@ -8,15 +8,11 @@ from typing import cast
 
 import click
 
+from mmemb.cli.options import model_options, model_source
+
 
 @click.command("encode")
-@click.option(
-    "--model",
-    "model_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A trained or exported encoder directory.",
-)
+@model_options()
 @click.option(
     "--input",
     "input_path",
@@ -43,7 +39,8 @@ import click
     help="Image paths are relative to this folder (default: the current one).",
 )
 def command(
-    model_dir: str, input_path: str, out: str, side: str, batch_size: int, image_root: str | None
+    model: str, backbone: str | None, pooler: str | None, model_args: tuple[str, ...],
+    input_path: str, out: str, side: str, batch_size: int, image_root: str | None,
 ) -> None:
     """Embed jsonl items with a trained encoder.
 
@@ -51,10 +48,14 @@ def command(
     Example:
       echo '{"text": "a red circle above a blue square"}' | \\
         mmemb encode --model runs/quickstart/model --out emb.npy
+      mmemb encode --model all-MiniLM-L6-v2/ --input docs.jsonl --out emb.parquet
+      mmemb encode --model intfloat/e5-small-v2 --backbone hf_text --pooler mean \\
+        --model-arg "query_instruction='query: '" --input q.jsonl --out q.npy
     """
     from mmemb.encode import encode_items
     from mmemb.model import Side
 
+    model_dir = model_source(model, backbone, pooler, model_args)
     root = Path(image_root) if image_root else None
     which = cast("Side", side)
     if input_path == "-":

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from mmemb.cli.options import model_options, model_source
 from mmemb.errors import ConfigError
 
 
@@ -32,9 +33,7 @@ def _parse_task_args(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 @click.command("eval")
-@click.option("--model", "model", type=click.Path(file_okay=False),
-              help="A saved encoder directory (mmemb train's output/model, or mmemb export's), or "
-                   "a training output directory holding one in model/.")
+@model_options(required=False)
 @click.option("--data", "data", multiple=True, type=click.Path(),
               help="A prepared eval shard directory (mmemb prepare --source mmeb_eval); repeat it, "
                    "or list several after it (shell globs work).")
@@ -64,7 +63,8 @@ def _parse_task_args(pairs: tuple[str, ...]) -> dict[str, Any]:
               metavar="A B", help="Print the per-dataset differences between two results.json "
                                   "files (B minus A) and exit.")
 def command(
-    model: str | None, data: tuple[str, ...], more_data: tuple[str, ...], task: str,
+    model: str | None, backbone: str | None, pooler: str | None, model_args: tuple[str, ...],
+    data: tuple[str, ...], more_data: tuple[str, ...], task: str,
     task_args: tuple[str, ...], out: str, batch_size: int, cache_dir: str | None, no_cache: bool,
     references: str | None, datasets: tuple[str, ...], device: str | None, precision: str,
     progress: bool | None, compare_paths: tuple[str, str] | None,
@@ -85,7 +85,7 @@ def command(
       mmemb eval --compare results/base/results.json results/ova7b/results.json
     """
     if compare_paths is not None:
-        if model or data or more_data:
+        if model or backbone or pooler or model_args or data or more_data:
             raise click.UsageError("--compare takes two results.json files and nothing else")
         from mmemb.eval.report import compare
         from mmemb.eval.results import EvalResults
@@ -108,7 +108,8 @@ def command(
 
     cache = None if no_cache else Path(cache_dir) if cache_dir else Path(out) / "cache"
     results = evaluate_path(
-        model, shard_dirs, task=task, task_args=_parse_task_args(task_args), out=out,
+        model_source(model, backbone, pooler, model_args), shard_dirs, task=task,
+        task_args=_parse_task_args(task_args), out=out,
         batch_size=batch_size, cache_dir=cache, references=references, show_progress=progress,
         datasets=names, device=device, precision=precision,  # type: ignore[arg-type]
     )

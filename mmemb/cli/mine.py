@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import click
 
+from mmemb.cli.options import MODEL_HELP, model_options, model_source
+
 
 @click.command("mine")
-@click.option(
-    "--model",
-    "model_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="The encoder that ranks candidates (a trained or exported directory).",
-)
+@model_options(help="The encoder that ranks candidates. " + MODEL_HELP)
 @click.option("--data", required=True, multiple=True, help="Prepared shard directory (repeatable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New shard directory.")
 @click.option("--miner", default="knn", show_default=True, help="Miner plugin name.")
@@ -65,7 +61,10 @@ import click
     help="Progress bars (default: when stderr is a terminal).",
 )
 def command(
-    model_dir: str,
+    model: str,
+    backbone: str | None,
+    pooler: str | None,
+    model_args: tuple[str, ...],
     data: tuple[str, ...],
     out: str,
     miner: str,
@@ -100,7 +99,7 @@ def command(
         keys, value = parse_override(text)
         spec[".".join(keys)] = value
     report = mine(
-        model_dir,
+        model_source(model, backbone, pooler, model_args),
         list(data),
         out,
         miner=spec,

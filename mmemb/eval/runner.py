@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from mmemb import __version__, plugins
 from mmemb.data.schema import Sample
+from mmemb.encoder_io import ModelSource
 from mmemb.errors import ConfigError, DataError, MmembError, PluginError, UnknownComponentError
 from mmemb.eval.cache import EmbeddingCache, encoder_fingerprint, manifest_fingerprint
 from mmemb.eval.encoding import DatasetCollector, EncodedDataset, make_encode_fn
@@ -171,18 +172,16 @@ def _jobs(data: DataArg, wanted: Sequence[str] | None) -> list[_Job]:
     return jobs
 
 
-def resolve_model_dir(model: str | Path) -> Path:
-    """A saved encoder directory: `model` itself, or its ``model/`` sub-directory (what
-    `mmemb train` writes into its output directory)."""
-    from mmemb.encoder_io import ENCODER_FILE, read_encoder_spec
+def resolve_model_dir(model: str | Path | ModelSource) -> ModelSource:
+    """What `model` names (`mmemb.encoder_io.resolve_model`): a saved encoder directory or the
+    training output directory holding one in ``model/``, a sentence-transformers model, or a
+    Hugging Face model with --backbone/--pooler. Fails here, before any data is read."""
+    from mmemb.encoder_io import resolve_model
 
-    p = Path(model)
-    if (p / ENCODER_FILE).is_file():
-        return p
-    if (p / "model" / ENCODER_FILE).is_file():
-        return p / "model"
-    read_encoder_spec(p)  # raises the error explaining what a model directory is
-    return p
+    src = model if isinstance(model, ModelSource) else ModelSource(str(model))
+    resolved = resolve_model(src)  # raises the error explaining what a model is
+    return ModelSource(resolved.location, backbone=src.backbone, pooler=src.pooler,
+                       args=src.args)
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -448,7 +447,7 @@ def _log(message: str) -> None:
 
 
 def evaluate_path(
-    model: str | Path,
+    model: str | Path | ModelSource,
     data: DataArg,
     *,
     device: str | None = None,

@@ -4,6 +4,7 @@ nothing."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,13 @@ import torch
 
 from mmemb.data.shards import read_manifest
 from mmemb.distributed import DistEnv
-from mmemb.encoder_io import build_encoder
+from mmemb.encoder_io import (
+    ENCODER_FILE,
+    ST_MODULES_FILE,
+    ResolvedModel,
+    build_encoder,
+    resolve_model,
+)
 from mmemb.errors import ConfigError
 from mmemb.model import Encoder
 from mmemb.recipe import LoadedRecipe
@@ -25,16 +32,70 @@ def seed_everything(seed: int) -> None:
 
 
 def backbone_spec(loaded: LoadedRecipe) -> dict[str, Any]:
-    """The recipe's backbone spec with a local `path` resolved against the recipe's folder."""
+    """The recipe's backbone spec with a local `path` resolved against the recipe's folder.
+
+    `model.backbone.path` may also name a sentence-transformers model or a saved mmemb encoder:
+    its settings (the ST Transformer's max_seq_length and prompts; a saved encoder's prompt
+    template, ...) become defaults under the recipe's own keys, so training starts from that model
+    exactly as `mmemb encode --model` would embed with it."""
     spec = dict(loaded.recipe.model.backbone)
     if isinstance(spec.get("path"), str):
         spec["path"] = loaded.resolve_path(spec["path"])
+        found = _pretrained_model(spec["path"])
+        if found is not None:
+            where = f"{loaded.path or '<recipe>'}: model.backbone"
+            if found.backbone["name"] != spec.get("name"):
+                raise ConfigError([
+                    f"{where}.path {spec['path']} is a {found.kind} model with backbone "
+                    f"'{found.backbone['name']}', but model.backbone.name is "
+                    f"'{spec.get('name')}'. Set model.backbone.name: {found.backbone['name']}."
+                ])
+            spec = {**found.backbone, **{k: v for k, v in spec.items() if k != "path"}}
     return spec
+
+
+def _pretrained_model(path: str) -> ResolvedModel | None:
+    """The saved mmemb encoder or sentence-transformers model at local directory `path`, or
+    None for anything else (a plain Hugging Face directory or hub id: the backbone reads it)."""
+    p = Path(path).expanduser()
+    if not ((p / ENCODER_FILE).is_file() or (p / ST_MODULES_FILE).is_file()):
+        return None
+    return resolve_model(str(p))
+
+
+def check_pooler(loaded: LoadedRecipe) -> None:
+    """Refuse a recipe that starts from a sentence-transformers model or saved encoder but would
+    silently swap its pooler or normalisation for the recipe defaults (last_token, normalised):
+    the model's embeddings would change before the first step. Naming them in the recipe is fine."""
+    path = loaded.recipe.model.backbone.get("path")
+    if not isinstance(path, str):
+        return
+    found = _pretrained_model(loaded.resolve_path(path))
+    if found is None:
+        return
+    model = loaded.recipe.model
+    where = f"{loaded.path or '<recipe>'}: model"
+    problems = []
+    if "pooler" not in model.model_fields_set and dict(model.pooler) != found.pooler:
+        problems.append(
+            f"{where}.pooler is not set, so it defaults to {dict(model.pooler)}, but the "
+            f"{found.kind} model at {path} pools with {found.pooler}. Set model.pooler: "
+            f"{found.pooler['name']} (or the pooler you mean to train)."
+        )
+    if "normalize" not in model.model_fields_set and model.normalize != found.normalize:
+        problems.append(
+            f"{where}.normalize is not set, so it defaults to {model.normalize}, but the "
+            f"{found.kind} model at {path} has normalize {found.normalize}. Set "
+            f"model.normalize explicitly."
+        )
+    if problems:
+        raise ConfigError(problems)
 
 
 def build_model(loaded: LoadedRecipe) -> Encoder:
     """The encoder a recipe describes, with LoRA adapters when `model.lora` is set."""
     r = loaded.recipe
+    check_pooler(loaded)
     encoder = build_encoder(backbone_spec(loaded), r.model.pooler, normalize=r.model.normalize)
     if r.model.lora is not None:
         from mmemb.lora import apply_lora

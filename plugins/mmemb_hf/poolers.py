@@ -87,6 +87,15 @@ class MeanPooler(Pooler):
         return (h.sum(dim=1) / counts).to(hidden_states.dtype)
 
 
+class MaxPooler(Pooler):
+    """The elementwise maximum over each row's real tokens (sentence-transformers' ``max``)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = _check(hidden_states, attention_mask)
+        h = hidden_states.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        return h.max(dim=1).values
+
+
 class ClsPooler(Pooler):
     """The hidden state of each row's first real token ([CLS] for BERT-style encoders)."""
 
@@ -99,5 +108,6 @@ POOLERS: dict[str, tuple[type[Pooler], str]] = {
     "last_token": (LastTokenPooler, "hidden state of the last real token (left or right padding)"),
     "eos": (EosPooler, "hidden state of the appended EOS token (use with append_eos: true)"),
     "mean": (MeanPooler, "mean over real tokens (mask-aware)"),
+    "max": (MaxPooler, "elementwise maximum over real tokens (mask-aware)"),
     "cls": (ClsPooler, "hidden state of the first real token ([CLS])"),
 }
