@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +168,20 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path: Path) 
         prepare("synthetic", {"n": 20}, out, overwrite=True, progress=interrupt)
     assert read_manifest(out)["samples"] == 3  # the old output is untouched
     assert not (tmp_path / "out.partial").exists()
-    # a prepare killed outright leaves only the staging directory, which a re-run points out
+    # a prepare killed outright leaves only its staging directory: the reader points it out,
+    # and the rerun of the same prepare removes it (its writer is gone) and says so
     (tmp_path / "new.partial").mkdir()
+    (tmp_path / "new.partial" / "synthetic_t2i-000000.tar").write_bytes(b"half a shard")
     with pytest.raises(DataError, match="interrupted"):
-        prepare("synthetic", {"n": 3}, tmp_path / "new")
-    with pytest.raises(DataError, match="interrupted"):
-        read_manifest(tmp_path / "new")  # the reader points it out too
-    assert prepare("synthetic", {"n": 3}, tmp_path / "new", overwrite=True).written == 3
+        read_manifest(tmp_path / "new")
+    report = prepare("synthetic", {"n": 3}, tmp_path / "new")
+    assert report.written == 3 and not (tmp_path / "new.partial").exists()
+    assert report.notes == [
+        f"removed {tmp_path / 'new.partial'}, left by an interrupted prepare (no owner record)"
+    ]
+    assert str(report).splitlines()[0] == report.notes[0]  # told first; the result stays last
+    assert str(report).splitlines()[-1].startswith("read 3 = written 3 + rejected 0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]  # nothing else left
 
 
 def test_images_keep_bytes_unless_downscaled(tmp_path: Path) -> None:
@@ -337,3 +345,36 @@ def test_cli_prepares_every_sourced_entry_of_a_recipe(tmp_path: Path) -> None:
     assert read_manifest(tmp_path / "eval")["samples"] == 3  # the entry's limit
     again = CliRunner().invoke(command, ["--recipe", str(recipe)])
     assert again.exit_code == 0 and again.output.count("already prepared") == 2
+
+
+def test_without_file_locks_a_stale_staging_is_judged_by_its_owner_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from mmemb.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "_lock", lambda fd: None)  # a file system without flock
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    staging = tmp_path / "out.partial"
+
+    def leave(pid: int, host: str) -> None:
+        staging.mkdir(exist_ok=True)
+        owner = {"pid": pid, "host": host, "started": "2025-01-01T00:00:00+00:00"}
+        (staging / prepare_module.OWNER_NAME).write_text(json.dumps(owner))
+
+    leave(os.getpid(), socket.gethostname())  # alive: this very process
+    with pytest.raises(DataError, match=rf"is running now \(pid {os.getpid()} on "):
+        prepare("synthetic", {"n": 2}, tmp_path / "out")
+    leave(ended.pid, "another-node")  # cannot tell from here
+    with pytest.raises(DataError, match=r"no locks .* If it is not, remove .*out.partial"):
+        prepare("synthetic", {"n": 2}, tmp_path / "out")
+    assert staging.is_dir()
+    leave(ended.pid, socket.gethostname())  # ended, on this host
+    report = prepare("synthetic", {"n": 2}, tmp_path / "out")
+    assert report.written == 2 and not staging.exists()
+    assert report.notes[0].startswith(f"removed {staging}, left by an interrupted prepare (pid "
+                                       f"{ended.pid} on ")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,35 @@ import click
 from mmemb.errors import DataError
 
 EPILOG_HEADER = "Sources (--source NAME; extra arguments with --arg KEY=VALUE):"
+
+PREEMPTED_EXIT_CODE = 75
+"""After SIGTERM/SIGUSR1: EX_TEMPFAIL, "try again later", as `mmemb train` (the value is repeated,
+not imported: importing mmemb.train pulls in torch)."""
+INTERRUPTED_EXIT_CODE = 130
+"""After Ctrl-C (SIGINT), as a shell reports it."""
+
+
+@contextmanager
+def _stops_cleanly(out: Path, command_line: str) -> Iterator[None]:
+    """SIGTERM/SIGUSR1 and Ctrl-C stop prepare with its staging directory removed, one line
+    saying so and how to go on, and exit status 75 / 130 (not a traceback)."""
+    from mmemb.data.prepare import PrepareInterrupted, stop_on_signals
+
+    def stopped(what: str, code: int) -> None:
+        click.echo(
+            f"\nprepare {what}: {out} was not written and its staging directory was removed. "
+            f"Run the same command again to redo it: {command_line}",
+            err=True,
+        )
+        sys.exit(code)
+
+    try:
+        with stop_on_signals():
+            yield
+    except PrepareInterrupted as exc:
+        stopped(str(exc), PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:
+        stopped("interrupted (Ctrl-C)", INTERRUPTED_EXIT_CODE)
 
 
 def parse_args(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -155,18 +186,20 @@ def _prepare_recipe(recipe: str, overwrite: bool, on_error: str, every: int,
             continue
         assert entry.source is not None
         reporter = _Reporter(entry.limit, every)
+        command_line = f"mmemb prepare --recipe {shlex.quote(recipe)}"
         try:
-            report = prepare(
-                entry.source,
-                entry.args,
-                out,
-                limit=entry.limit,
-                overwrite=overwrite,
-                on_error=on_error,  # type: ignore[arg-type]
-                command=f"mmemb prepare --recipe {shlex.quote(recipe)}",
-                progress=reporter,
-                workers=workers,
-            )
+            with _stops_cleanly(out, command_line):
+                report = prepare(
+                    entry.source,
+                    entry.args,
+                    out,
+                    limit=entry.limit,
+                    overwrite=overwrite,
+                    on_error=on_error,  # type: ignore[arg-type]
+                    command=command_line,
+                    progress=reporter,
+                    workers=workers,
+                )
         finally:
             reporter.close()
         click.echo(str(report))
@@ -272,7 +305,9 @@ def command(
 
     Images keep their original JPEG/PNG bytes (other formats become PNG; --max-image-side
     downscales). Output is written to OUT.partial and renamed to OUT when complete; OUT is
-    never replaced without --overwrite. Prints `read N = written W + rejected R`.
+    never replaced without --overwrite. SIGTERM/SIGUSR1 (exit 75) and Ctrl-C (exit 130) remove
+    OUT.partial; one left by a killed prepare is removed by the next run. Prints `read N =
+    written W + rejected R`.
 
     \b
     Examples:
@@ -303,21 +338,23 @@ def command(
     if total is None and isinstance(source_args.get("n"), int):
         total = source_args["n"]  # the synthetic generator knows its length
     reporter = _Reporter(total, log_every)
+    command_line = _command_line(click.get_current_context())
     try:
-        report = prepare(
-            source,
-            source_args,
-            out,
-            dataset_name=dataset_name,
-            limit=limit,
-            on_error=on_error,  # type: ignore[arg-type]
-            overwrite=overwrite,
-            shard_size=size,
-            max_image_side=max_image_side,
-            command=_command_line(click.get_current_context()),
-            progress=reporter,
-            workers=workers,
-        )
+        with _stops_cleanly(Path(out), command_line):
+            report = prepare(
+                source,
+                source_args,
+                out,
+                dataset_name=dataset_name,
+                limit=limit,
+                on_error=on_error,  # type: ignore[arg-type]
+                overwrite=overwrite,
+                shard_size=size,
+                max_image_side=max_image_side,
+                command=command_line,
+                progress=reporter,
+                workers=workers,
+            )
     finally:
         reporter.close()
     click.echo(str(report))

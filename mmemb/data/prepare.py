@@ -10,23 +10,34 @@ end). The checks here apply to every source alike:
 - a sample id seen before in this output -> 'duplicate_id'.
 
 The output is written into ``{out}.partial`` and renamed to `out` only when complete, so an
-interrupted prepare never leaves a directory with a manifest that looks finished.
+interrupted prepare never leaves a directory with a manifest that looks finished. The staging
+directory is locked (`flock`) by the process writing it for as long as it runs: a rerun removes a
+staging directory whose writer is gone (killed, even by SIGKILL), and refuses one whose writer is
+still running.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import signal
+import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, Literal
 
 from mmemb import plugins
@@ -65,12 +76,15 @@ class PrepareReport:
     shards: int = 0
     seconds: float = 0.0
     rejects_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    """Things done on the way worth telling, e.g. a stale staging directory that was removed."""
 
     @property
     def total_rejected(self) -> int:
         return sum(self.rejected.values())
 
     def __str__(self) -> str:
+        """The notes, one a line, then the summary line (last, so it is the result)."""
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.rejected.items()))
         line = f"read {self.read} = written {self.written} + rejected {self.total_rejected}"
         if reasons:
@@ -80,7 +94,7 @@ class PrepareReport:
             f" -> {self.out} ({self.shards} shards, {n_ds} dataset{'s' * (n_ds != 1)}, "
             f"{self.seconds:.1f}s)"
         )
-        return line
+        return "\n".join([*self.notes, line])
 
 
 def parse_shard_size(value: int | str) -> tuple[int | None, int | None]:
@@ -222,7 +236,7 @@ class _UniqueIds:
         return sample
 
 
-def _check_out(out: Path, staging: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists():
         if not out.is_dir():
             raise DataError(f"--out {out} is a file; give a directory path.")
@@ -238,13 +252,192 @@ def _check_out(out: Path, staging: Path, overwrite: bool) -> None:
                     f"--out {out} already holds prepared shards. Pass --overwrite to replace "
                     "them, or choose another --out."
                 )
-    if staging.exists():
-        if not overwrite:
+
+
+OWNER_NAME = ".prepare-owner.json"
+"""In a staging directory: who is writing it (pid, host, start), for messages."""
+
+
+def _owner(staging: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads((staging / OWNER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _owner_text(owner: dict[str, Any] | None) -> str:
+    if owner is None:
+        return "no owner record"
+    return f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+
+
+def _lock(fd: int) -> bool | None:
+    """Take the exclusive lock without waiting: True if taken, False if another process holds
+    it, None if the file system has no locks (some network file systems without flock)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+    return True
+
+
+def _writer_gone(owner: dict[str, Any] | None) -> bool | None:
+    """Without locks: whether the recorded writer has ended (None: cannot tell from here)."""
+    if owner is None or owner.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return None
+    return False
+
+
+def _remove_if_stale(staging: Path, out: Path) -> str | None:
+    """Remove `staging` if the process that wrote it has ended; a note saying so, or None if it
+    was already gone. Raises `DataError` while another prepare is writing it."""
+    if staging.exists() and not staging.is_dir():
+        raise DataError(
+            f"{staging} is a file, where prepare stages {out}. Remove it or choose another --out."
+        )
+    try:
+        fd = os.open(staging, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        owner = _owner(staging)
+        locked = _lock(fd)
+        # A lock dies with its process, whatever killed it: a free lock means the writer is gone.
+        gone = locked if locked is not None else _writer_gone(owner)
+        if gone is None:
             raise DataError(
-                f"{staging} exists: an earlier prepare into {out} was interrupted (or one is "
-                "running now). Remove it, or pass --overwrite."
+                f"{staging} exists ({_owner_text(owner)}) and this file system has no locks to "
+                f"tell whether that prepare into {out} is still running. If it is not, remove "
+                f"{staging} and run this again."
+            )
+        if not gone:
+            raise DataError(
+                f"{staging}: another prepare into {out} is running now ({_owner_text(owner)}). "
+                "Wait for it to finish, or stop it; once it has stopped, rerunning this command "
+                "cleans up after it."
             )
         shutil.rmtree(staging)
+        return f"removed {staging}, left by an interrupted prepare ({_owner_text(owner)})"
+    finally:
+        os.close(fd)
+
+
+def _claim_staging(staging: Path, out: Path) -> tuple[int, list[str]]:
+    """Create `staging`, locked by this process: (the open descriptor holding the lock, notes).
+
+    The directory is made under a private name, locked, and renamed into place, so no other
+    process ever sees it unlocked; a rename onto an existing (non-empty) staging directory fails,
+    and that one is removed if its writer is gone, or refused if it is alive."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging.with_name(f".{staging.name}.claim-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    fd: int | None = None
+    notes: list[str] = []
+    try:
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": now}
+        (tmp / OWNER_NAME).write_text(json.dumps(owner))  # non-empty: a rename cannot replace it
+        fd = os.open(tmp, os.O_RDONLY)
+        _lock(fd)  # None (no locks here): others judge by the owner record instead
+        for _ in range(5):
+            try:
+                os.rename(tmp, staging)
+                return fd, notes
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise
+            note = _remove_if_stale(staging, out)
+            if note is not None:
+                notes.append(note)
+        raise DataError(
+            f"{staging} keeps reappearing: another prepare into {out} is starting at the same "
+            "time. Run one at a time."
+        )
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _release_staging(fd: int, staging: Path, *, remove: bool) -> None:
+    if remove:
+        shutil.rmtree(staging, ignore_errors=True)
+    os.close(fd)
+
+
+class PrepareInterrupted(BaseException):  # noqa: N818 - a requested stop, not an error
+    """Raised inside `prepare` when SIGTERM/SIGUSR1 arrives under `stop_on_signals` (a
+    BaseException, like KeyboardInterrupt, so no `except Exception` in a source swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""What schedulers (SLURM, Kubernetes) send before killing a job, and Ctrl-C."""
+
+_deferring = 0
+_pending: int | None = None
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise PrepareInterrupted(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGUSR1 into `PrepareInterrupted` (and SIGINT into KeyboardInterrupt) while
+    the block runs, so `prepare` removes its staging directory and the caller can exit with a
+    requeue status -- except while prepare moves the finished output into place, when the stop
+    waits until the move is done. Main thread only (a no-op elsewhere); the previous handlers
+    come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        global _pending
+        if _deferring:
+            _pending = signum
+            return
+        _raise_for(signum)
+
+    old = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """A stop requested inside the block happens when it ends: never between the two renames
+    that replace an old output (which would leave neither in place)."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        signum, _pending = _pending, None
+    if signum is not None and not _deferring:
+        _raise_for(signum)
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -304,19 +497,25 @@ def prepare(
     staging = out.with_name(f"{out.name}.partial")
     args = dict(source_args)
     src: Source = plugins.build("source", source, _where=f"source '{source}'", **args)
-    _check_out(out, staging, overwrite)
+    _check_out(out, overwrite)  # fail fast, before touching anything
+    lock_fd, notes = _claim_staging(staging, out)
+    try:
+        _check_out(out, overwrite)  # again under the lock: a prepare that just finished counts
+        writer = ShardWriter(
+            staging,
+            max_samples=max_samples,
+            max_bytes=max_bytes or (1 << 30),
+            pool_images=getattr(src, "pool_images", False),
+        )
+    except BaseException:
+        _release_staging(lock_fd, staging, remove=True)
+        raise
 
     started = time.perf_counter()
     unique = _UniqueIds()
     read = 0
     rejected: dict[str, int] = {}
     rejects_file: IO[str] | None = None
-    writer = ShardWriter(
-        staging,
-        max_samples=max_samples,
-        max_bytes=max_bytes or (1 << 30),
-        pool_images=getattr(src, "pool_images", False),
-    )
 
     def records() -> Iterator[Sample | Reject]:
         for record in islice(src, limit):  # islice(…, None) reads everything
@@ -380,14 +579,17 @@ def prepare(
             seconds=round(seconds, 3),
         )
         write_json_atomic(staging / MANIFEST_NAME, manifest)
-        _publish(staging, out)
+        (staging / OWNER_NAME).unlink()
+        with _stops_deferred():
+            _publish(staging, out)
     except BaseException:
         checked_stream.close()  # stops the worker processes
         writer.abort()
         if rejects_file is not None:
             rejects_file.close()
-        shutil.rmtree(staging, ignore_errors=True)
+        _release_staging(lock_fd, staging, remove=True)
         raise
+    _release_staging(lock_fd, staging, remove=False)
     return PrepareReport(
         source=source,
         out=out,
@@ -399,4 +601,5 @@ def prepare(
         shards=sum(1 for s in shards if not s.get("pool")),
         seconds=seconds,
         rejects_path=(out / REJECTS_NAME) if rejected else None,
+        notes=notes,
     )

@@ -40,7 +40,7 @@ REJECT_REASONS: dict[str, str] = {
     "missing_field": "a required field is absent, null or of the wrong type",
     "empty_text": "a text that is empty or only whitespace, with no image beside it",
     "duplicate_id": "a sample id that was already written",
-    "bad_row": "a line that is not a JSON object",
+    "bad_row": "a line (or JSON array element) that is not a JSON object",
 }
 """Why a row can be rejected; `Reject.reason` is one of these keys."""
 
