@@ -300,22 +300,32 @@ def test_a_broken_json_array_is_one_clear_error(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- --help examples
 
 
-def _help_commands(text: str, prefix: str) -> list[list[str]]:
-    """The example command lines in a help text that start with `prefix` (continuations
-    joined)."""
+def _example_commands(text: str, prefix: str) -> list[list[str]]:
+    """The example command lines in a text that start with `prefix` (continuations joined,
+    comments dropped)."""
     joined = re.sub(r"\\\n\s*", " ", text)
-    return [shlex.split(line.strip()) for line in joined.splitlines()
+    return [shlex.split(line.strip(), comments=True) for line in joined.splitlines()
             if line.strip().startswith(prefix)]
 
 
-def test_every_mmeb_example_in_prepare_help_runs_on_the_real_layout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _prepare_help() -> str:
+    from mmemb.cli import cli
+
+    return CliRunner().invoke(cli, ["prepare", "--help"]).output
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
+
+
+@pytest.mark.parametrize("where", ["mmemb prepare --help", "docs/data.md"])
+def test_every_mmeb_example_runs_on_the_real_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     from mmemb.cli import cli
 
-    help_text = CliRunner().invoke(cli, ["prepare", "--help"]).output
-    commands = _help_commands(help_text, "mmemb prepare --source mmeb_")
-    assert len(commands) >= 4, help_text  # the docstring's and each MMEB source's examples
+    text = _prepare_help() if where.startswith("mmemb") else DOCS.read_text()
+    commands = _example_commands(text, "mmemb prepare --source mmeb_")
+    assert len(commands) >= 4, text  # MMEB-train files, folders and globs, and MMEB-eval
     for n, words in enumerate(commands):
         work = tmp_path / str(n)  # each example on its own copy: several write shards/cirr
         mmeb_train_tree(work / "MMEB-train")
