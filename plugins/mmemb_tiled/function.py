@@ -64,8 +64,8 @@ class TorchTiles:
 class TritonTiles:
     """The fused Triton kernels, for reweighters with a `FusedForm` (positives never change).
 
-    The kernels do not mask duplicate positives yet: the loss sends calls with keys to
-    :class:`TorchTiles` (see ``TiledContrastiveLoss.backend_for``)."""
+    Duplicate positives are masked inside the kernels: the row and column keys travel as int64
+    and are compared per tile (see :mod:`mmemb_tiled.triton_kernel`)."""
 
     name = "triton"
 
@@ -80,8 +80,8 @@ class TritonTiles:
         tau: float, rw: Reweighter, tile: int, keys: DuplicateKeys | None,
     ) -> tuple[torch.Tensor, RowStats, torch.Tensor]:
         form = rw.fused_form()
-        assert form is not None and keys is None
-        lse, stats = self._k.forward(q, c, targets, z_pos, tau, form, self.blocks)
+        assert form is not None
+        lse, stats = self._k.forward(q, c, targets, z_pos, tau, form, self.blocks, _pair(keys))
         return lse, stats, z_pos
 
     def backward(
@@ -90,11 +90,16 @@ class TritonTiles:
         tile: int, keys: DuplicateKeys | None, *, need_dq: bool, need_dc: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         form = rw.fused_form()
-        assert form is not None and keys is None
+        assert form is not None
         return self._k.backward(
-            q, c, targets, z_pos, lse, stats, scale, tau, form, self.blocks,
+            q, c, targets, z_pos, lse, stats, scale, tau, form, self.blocks, _pair(keys),
             need_dq=need_dq, need_dc=need_dc,
         )
+
+
+def _pair(keys: DuplicateKeys | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kernels' view of the keys: (each row's positive key, each column's key)."""
+    return None if keys is None else (keys.rows, keys.cols)
 
 
 def triton_installed() -> bool:

@@ -71,10 +71,9 @@ class TiledContrastiveLoss:
         return (f"TiledContrastiveLoss(tile_size={self.tile_size}, "
                 f"implementation={self.config.implementation!r})")
 
-    def backend_for(
-        self, q: torch.Tensor, reweighter: Reweighter, keys: DuplicateKeys | None = None
-    ) -> TileBackend:
-        """The backend this call runs on."""
+    def backend_for(self, q: torch.Tensor, reweighter: Reweighter) -> TileBackend:
+        """The backend this call runs on. Duplicate-positive keys do not change it: both backends
+        mask them."""
         impl = self.config.implementation
         if impl == "torch":
             return self._torch
@@ -83,10 +82,10 @@ class TiledContrastiveLoss:
         from mmemb_tiled.triton_kernel import supports
 
         form = reweighter.fused_form()
-        ok = supports(form, q.dtype) and keys is None
+        ok = supports(form, q.dtype)  # duplicate-positive keys are masked inside the kernel
         if impl == "auto":
             if not ok:
-                self._tell_fallback(reweighter, q.dtype, keys)
+                self._tell_fallback(reweighter, q.dtype)
                 return self._torch
             return self._triton_backend()
         problems = []
@@ -94,11 +93,9 @@ class TiledContrastiveLoss:
             problems.append("loss.implementation=triton: triton is not installed "
                             "(pip install 'mmemb[triton]'), or use implementation=auto.")
         elif not ok:
-            what = ("duplicate-positive masking (loss.mask_duplicate_positives)" if keys is not None
-                    and supports(form, q.dtype) else f"{reweighter!r} with {q.dtype} inputs")
             problems.append(
-                f"loss.implementation=triton: the Triton kernel does not implement {what}; use "
-                "implementation=auto (falls back to PyTorch tiles)."
+                f"loss.implementation=triton: the Triton kernel does not implement {reweighter!r} "
+                f"with {q.dtype} inputs; use implementation=auto (falls back to PyTorch tiles)."
             )
         elif not (q.is_cuda or triton_interpreting()):
             problems.append("loss.implementation=triton: inputs are on the CPU; the kernel needs "
@@ -107,14 +104,10 @@ class TiledContrastiveLoss:
             raise ConfigError(problems)
         return self._triton_backend()
 
-    def _tell_fallback(
-        self, reweighter: Reweighter, dtype: torch.dtype, keys: DuplicateKeys | None
-    ) -> None:
+    def _tell_fallback(self, reweighter: Reweighter, dtype: torch.dtype) -> None:
         # Once per reason: a silent fallback from the fused kernel costs real speed on a GPU.
         if reweighter.fused_form() is None:
             reason = f"{reweighter!r} has no fused form (Reweighter.fused_form)"
-        elif keys is not None:
-            reason = "the kernel does not mask duplicate positives yet"
         else:
             reason = f"the kernel does not support {reweighter!r} with {dtype} inputs"
         if reason not in self._told:
@@ -137,7 +130,7 @@ class TiledContrastiveLoss:
         keys: DuplicateKeys | None = None,
         backend: TileBackend | None = None,
     ) -> torch.Tensor:
-        backend = backend or self.backend_for(q, reweighter, keys)
+        backend = backend or self.backend_for(q, reweighter)
         if isinstance(temperature, torch.Tensor):
             tau_t = temperature.reshape(())
         else:

@@ -15,6 +15,11 @@ themselves as a :class:`mmemb.loss.FusedForm` (none, ega, llave, topk_mask):
 
 Every pass computes a tile with the same helper, the same block shape and the same chunk order,
 so the logits a threshold was taken from are bit-identical to the ones it is applied to.
+
+Duplicate positives (``DUP``): each row's positive key (B,) and each column's key (M,), int64, are
+compared per tile; a column whose key equals the row's, other than the positive itself, is set to
+−∞ right after the tile is computed, in every pass, before the exp, the reweighting or any row
+statistic reads it — so it gets no probability, no gradient and no place in a top-k or a mass.
 """
 
 from __future__ import annotations
@@ -80,6 +85,17 @@ def _logits_tile(
 
 
 @triton.jit
+def _mask_duplicates(z, RK, CK, offs_m, offs_n, row_ok, col_ok, is_pos, DUP: tl.constexpr):
+    """z with the columns that copy each row's positive (equal keys, not the positive) at −∞."""
+    if DUP:
+        rk = tl.load(RK + offs_m, mask=row_ok, other=0)
+        ck = tl.load(CK + offs_n, mask=col_ok, other=0)
+        dup = (rk[:, None] == ck[None, :]) & ~is_pos & col_ok[None, :]
+        z = tl.where(dup, float("-inf"), z)
+    return z
+
+
+@triton.jit
 def _reweighted_logits(
     z, s, zp, is_neg, thr, tau, lam, delta, tie_tol,
     KIND: tl.constexpr,
@@ -124,13 +140,14 @@ def _row_stats(
 
 @triton.jit
 def _grad_tile(
-    s, offs_m, offs_n, row_ok, col_ok, tgt, zp, lse, thr, ratio, scale,
+    s, RK, CK, offs_m, offs_n, row_ok, col_ok, tgt, zp, lse, thr, ratio, scale,
     inv_tau, tau, lam, delta, tie_tol, alpha, inv_tau_h, margin, fn_margin,
     KIND: tl.constexpr, LINEAR: tl.constexpr, FN: tl.constexpr, NORM: tl.constexpr,
+    DUP: tl.constexpr,
 ):
-    """G = scale·(p̄ − y) for one tile, zero outside the matrix."""
-    z = s * inv_tau
+    """G = scale·(p̄ − y) for one tile, zero outside the matrix and at masked duplicates."""
     is_pos = offs_n[None, :] == tgt[:, None]
+    z = _mask_duplicates(s * inv_tau, RK, CK, offs_m, offs_n, row_ok, col_ok, is_pos, DUP)
     is_neg = col_ok[None, :] & ~is_pos
     zt = _reweighted_logits(z, s, zp, is_neg, thr, tau, lam, delta, tie_tol, KIND)
     p = tl.exp(zt - lse[:, None])
@@ -151,11 +168,11 @@ def _grad_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, C, T, ZP, THR, LSE, RATIO,
+    Q, C, T, ZP, THR, LSE, RATIO, RK, CK,
     B, M, D, k_sel,
     inv_tau, tau, lam, delta, tie_tol, alpha, inv_tau_h, margin, fn_margin,
     KIND: tl.constexpr, TOPK_PASS: tl.constexpr, KP: tl.constexpr,
-    LINEAR: tl.constexpr, FN: tl.constexpr, NORM: tl.constexpr,
+    LINEAR: tl.constexpr, FN: tl.constexpr, NORM: tl.constexpr, DUP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -176,8 +193,8 @@ def _fwd_kernel(
         offs_n = n0 + tl.arange(0, BN)
         col_ok = offs_n < M
         s = _logits_tile(Q, C, offs_m, offs_n, row_ok, col_ok, D, BM, BN, BK, IEEE)
-        z = s * inv_tau
         is_pos = offs_n[None, :] == tgt[:, None]
+        z = _mask_duplicates(s * inv_tau, RK, CK, offs_m, offs_n, row_ok, col_ok, is_pos, DUP)
         is_neg = col_ok[None, :] & ~is_pos
         if TOPK_PASS:
             kept = is_neg & ((z - zp[:, None]) * tau <= delta + tie_tol)
@@ -213,10 +230,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, C, T, ZP, LSE, THR, RATIO, SCALE, DQ,
+    Q, C, T, ZP, LSE, THR, RATIO, SCALE, RK, CK, DQ,
     B, M, D,
     inv_tau, tau, lam, delta, tie_tol, alpha, inv_tau_h, margin, fn_margin,
     KIND: tl.constexpr, LINEAR: tl.constexpr, FN: tl.constexpr, NORM: tl.constexpr,
+    DUP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -234,9 +252,9 @@ def _dq_kernel(
         col_ok = offs_n < M
         s = _logits_tile(Q, C, offs_m, offs_n, row_ok, col_ok, D, BM, BN, BK, IEEE)
         g = _grad_tile(
-            s, offs_m, offs_n, row_ok, col_ok, tgt, zp, lse, thr, ratio, scale,
+            s, RK, CK, offs_m, offs_n, row_ok, col_ok, tgt, zp, lse, thr, ratio, scale,
             inv_tau, tau, lam, delta, tie_tol, alpha, inv_tau_h, margin, fn_margin,
-            KIND, LINEAR, FN, NORM,
+            KIND, LINEAR, FN, NORM, DUP,
         )
         g = g * inv_tau
         if not IEEE:
@@ -257,10 +275,11 @@ def _dq_kernel(
 
 @triton.jit
 def _dc_kernel(
-    Q, C, T, ZP, LSE, THR, RATIO, SCALE, DC,
+    Q, C, T, ZP, LSE, THR, RATIO, SCALE, RK, CK, DC,
     B, M, D,
     inv_tau, tau, lam, delta, tie_tol, alpha, inv_tau_h, margin, fn_margin,
     KIND: tl.constexpr, LINEAR: tl.constexpr, FN: tl.constexpr, NORM: tl.constexpr,
+    DUP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -278,9 +297,9 @@ def _dc_kernel(
         thr, ratio = _row_stats(THR, RATIO, offs_m, row_ok, BM, KIND, NORM)
         s = _logits_tile(Q, C, offs_m, offs_n, row_ok, col_ok, D, BM, BN, BK, IEEE)
         g = _grad_tile(
-            s, offs_m, offs_n, row_ok, col_ok, tgt, zp, lse, thr, ratio, scale,
+            s, RK, CK, offs_m, offs_n, row_ok, col_ok, tgt, zp, lse, thr, ratio, scale,
             inv_tau, tau, lam, delta, tie_tol, alpha, inv_tau_h, margin, fn_margin,
-            KIND, LINEAR, FN, NORM,
+            KIND, LINEAR, FN, NORM, DUP,
         )
         g = tl.trans(g * inv_tau)
         if not IEEE:
@@ -351,6 +370,22 @@ def _launch_opts(blocks: Blocks) -> dict[str, int]:
     return {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
 
 
+def _key_args(
+    keys: tuple[torch.Tensor, torch.Tensor] | None, b: int, m: int, placeholder: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(row keys, column keys, DUP) for a launch. Without keys the kernels never read the two
+    pointers (DUP is a compile-time False), so any int64 tensor on the device stands in."""
+    if keys is None:
+        return placeholder, placeholder, False
+    rk, ck = keys
+    if rk.shape != (b,) or ck.shape != (m,):
+        raise ValueError(f"duplicate keys must be ({b},) and ({m},), got {tuple(rk.shape)} and "
+                         f"{tuple(ck.shape)}")
+    dev = placeholder.device
+    return (rk.to(device=dev, dtype=torch.int64).contiguous(),
+            ck.to(device=dev, dtype=torch.int64).contiguous(), True)
+
+
 def forward(
     q: torch.Tensor,
     c: torch.Tensor,
@@ -359,8 +394,12 @@ def forward(
     tau: float,
     form: FusedForm,
     blocks: Blocks = Blocks(),
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-row log-sum-exp (B,) fp32 and the row statistics the backward needs."""
+    """Per-row log-sum-exp (B,) fp32 and the row statistics the backward needs.
+
+    ``keys``: (each row's positive key (B,), each column's key (M,)), int64, to mask the columns
+    that copy a row's positive; None masks nothing."""
     q, c = q.detach().contiguous(), c.detach().contiguous()
     b, d = q.shape
     m = c.shape[0]
@@ -372,19 +411,20 @@ def forward(
     ratio = torch.ones(b, dtype=torch.float32, device=dev)
     zp = z_pos.detach().float().contiguous()
     t = targets.contiguous()
+    rk, ck, dup = _key_args(keys, b, m, t)
     grid = (triton.cdiv(b, blk.bm),)
     common = dict(
         B=b, M=m, D=d, k_sel=max(prm.k, 1),
         inv_tau=1.0 / tau, tau=tau, lam=prm.lam, delta=prm.delta, tie_tol=prm.tie_tol,
         alpha=prm.alpha,
         inv_tau_h=prm.inv_tau_h, margin=prm.margin, fn_margin=prm.fn_margin,
-        KIND=prm.kind, KP=prm.kp, LINEAR=prm.linear, FN=prm.fn, NORM=prm.norm,
+        KIND=prm.kind, KP=prm.kp, LINEAR=prm.linear, FN=prm.fn, NORM=prm.norm, DUP=dup,
         BM=blk.bm, BN=blk.bn, BK=blk.bk, IEEE=q.dtype == torch.float32,
     )
     if prm.kind == KIND_TOPK:
-        _fwd_kernel[grid](q, c, t, zp, thr, lse, ratio, TOPK_PASS=True, **common,
+        _fwd_kernel[grid](q, c, t, zp, thr, lse, ratio, rk, ck, TOPK_PASS=True, **common,
                           **_launch_opts(blk))
-    _fwd_kernel[grid](q, c, t, zp, thr, lse, ratio, TOPK_PASS=False, **common,
+    _fwd_kernel[grid](q, c, t, zp, thr, lse, ratio, rk, ck, TOPK_PASS=False, **common,
                       **_launch_opts(blk))
     return lse, {"threshold": thr, "ratio": ratio}
 
@@ -400,11 +440,13 @@ def backward(
     tau: float,
     form: FusedForm,
     blocks: Blocks = Blocks(),
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     need_dq: bool,
     need_dc: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """fp32 ``dq = G c / τ`` and ``dc = Gᵀ q / τ`` with ``G = scale·(p̄ − y)``."""
+    """fp32 ``dq = G c / τ`` and ``dc = Gᵀ q / τ`` with ``G = scale·(p̄ − y)`` (``keys`` as in
+    :func:`forward`: masked duplicates get ``G = 0``)."""
     q, c = q.detach().contiguous(), c.detach().contiguous()
     b, d = q.shape
     m = c.shape[0]
@@ -412,13 +454,15 @@ def backward(
     blk = _blocks_for(blocks, prm)
     zp = z_pos.detach().float().contiguous()
     scale_t = scale.detach().float().reshape(1).contiguous()
-    args = (q, c, targets.contiguous(), zp, lse, stats["threshold"], stats["ratio"], scale_t)
+    t = targets.contiguous()
+    rk, ck, dup = _key_args(keys, b, m, t)
+    args = (q, c, t, zp, lse, stats["threshold"], stats["ratio"], scale_t, rk, ck)
     common = dict(
         B=b, M=m, D=d,
         inv_tau=1.0 / tau, tau=tau, lam=prm.lam, delta=prm.delta, tie_tol=prm.tie_tol,
         alpha=prm.alpha,
         inv_tau_h=prm.inv_tau_h, margin=prm.margin, fn_margin=prm.fn_margin,
-        KIND=prm.kind, LINEAR=prm.linear, FN=prm.fn, NORM=prm.norm,
+        KIND=prm.kind, LINEAR=prm.linear, FN=prm.fn, NORM=prm.norm, DUP=dup,
         BM=blk.bm, BN=blk.bn, BK=blk.bk, IEEE=q.dtype == torch.float32,
     )
     dq = dc = None
