@@ -1,40 +1,47 @@
-"""`mmemb export --model DIR --out DIR`."""
+"""`mmemb export --model DIR --out DIR [--format hf|sentence-transformers]`."""
 
 from __future__ import annotations
 
 import click
 
+from mmemb.cli.options import MODEL_HELP, model_options, model_source
+
 
 @click.command("export")
-@click.option(
-    "--model",
-    "model_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A trained encoder directory (OUTPUT_DIR/model of `mmemb train`).",
-)
+@model_options(help="The encoder to export. " + MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write.")
-@click.option("--exporter", default="hf", show_default=True, help="Exporter plugin name.")
+@click.option(
+    "--format", "--exporter", "fmt", default="hf", show_default=True, metavar="FORMAT",
+    help="hf (a transformers directory + mmemb.json + model card) or sentence-transformers "
+         "(text backbones); any registered exporter plugin name works too.",
+)
 @click.option(
     "--arg",
     "args",
     multiple=True,
     metavar="KEY=VALUE",
-    help="An exporter argument (repeatable), e.g. --arg overwrite=true.",
+    help="An exporter argument (repeatable): overwrite=true, atol=1e-4, model_card=false, "
+         "recipe=PATH and results=PATH (provenance for the model card when it is not next to "
+         "the model).",
 )
-def command(model_dir: str, out: str, exporter: str, args: tuple[str, ...]) -> None:
-    """Export a trained encoder: merge LoRA, check embeddings, write a Hugging Face directory.
+def command(
+    model: str, backbone: str | None, pooler: str | None, model_args: tuple[str, ...],
+    out: str, fmt: str, args: tuple[str, ...],
+) -> None:
+    """Export an encoder: merge LoRA, check embeddings, write a Hugging Face or
+    sentence-transformers directory with the prompt template, pooling and a model card.
 
     \b
-    Example:
-      mmemb export --model runs/quickstart/model --out exported/quickstart
+    Examples:
+      mmemb export --model runs/quickstart --out exported/quickstart
+      mmemb export --model runs/minilm-ft --out exported/st --format sentence-transformers
     """
-    from mmemb.export import export_model
+    from mmemb.export import FORMATS, export_model
     from mmemb.recipe import parse_override
 
-    spec: dict[str, object] = {"name": exporter}
+    spec: dict[str, object] = {"name": FORMATS.get(fmt, fmt)}
     for text in args:
         keys, value = parse_override(text)
         spec[".".join(keys)] = value
-    path = export_model(model_dir, out, exporter=spec)
+    path = export_model(model_source(model, backbone, pooler, model_args), out, exporter=spec)
     click.echo(f"exported to {path}")

@@ -1,4 +1,4 @@
-"""Exporters: a Hugging Face directory with the embedding configuration and a model card."""
+"""Exporters: a Hugging Face directory (``hf``) and a sentence-transformers directory."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import mmemb
 from mmemb_export.hf_dir import HFDirConfig, HFDirExporter
+from mmemb_export.st_dir import STDirConfig, STDirExporter
 
 
 @mmemb.hookimpl
@@ -14,5 +15,13 @@ def mmemb_register_exporters(registry: Any) -> None:
         "hf",
         HFDirExporter,
         config=HFDirConfig,
-        summary="Hugging Face directory (safetensors) + pooling/normalisation config + model card",
+        summary="Hugging Face directory (safetensors) + prompt/pooling config + model card with "
+                "a transformers-only snippet",
+    )
+    registry.add(
+        "sentence-transformers",
+        STDirExporter,
+        config=STDirConfig,
+        summary="sentence-transformers directory (text backbones): SentenceTransformer(dir) "
+                "embeds like mmemb",
     )
