@@ -16,20 +16,21 @@ entry-point group ``mmemb`` of any installed distribution::
 
 Each hook receives a typed `Registrar` for its kind and is called with keyword arguments. Hooks only
 *register* factories: nothing is built until a recipe or `mmemb.plugins.build` asks for it, so
-`mmemb plugins list` is cheap and never imports a model. API version: `MMEMB_PLUGIN_API`.
+`mmemb plugins list` is cheap and never imports a model.
+
+A plugin may declare the API version it was written for (``MMEMB_PLUGIN_API = 1`` at module
+level); a plugin declaring another version is refused at load, naming its distribution.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pluggy
 
-if TYPE_CHECKING:
-    from mmemb.plugins import Registrar
+from mmemb.registrar import Registrar
 
 MMEMB_PLUGIN_API = 1
-"""Bumped when a hook's signature or a component protocol changes incompatibly."""
+"""Bumped when a hook's signature or a component protocol changes incompatibly; checked against
+a plugin's own ``MMEMB_PLUGIN_API`` when it declares one."""
 
 hookspec = pluggy.HookspecMarker("mmemb")
 hookimpl = pluggy.HookimplMarker("mmemb")
@@ -54,7 +55,10 @@ def mmemb_register_poolers(registry: Registrar) -> None:
 
 @hookspec
 def mmemb_register_miners(registry: Registrar) -> None:
-    """Register hard-negative miners: factories ``(config) -> miner`` used by `mmemb mine`."""
+    """Register hard-negative miners: factories ``(config) -> mmemb.mine.Miner``.
+
+    A miner chooses each sample's hard negatives from the ranked candidates `mmemb mine` found.
+    """
 
 
 @hookspec
@@ -68,7 +72,11 @@ def mmemb_register_reweighters(registry: Registrar) -> None:
 
 @hookspec
 def mmemb_register_losses(registry: Registrar) -> None:
-    """Register contrastive-loss implementations (e.g. ``tiled``): ``(config) -> loss``."""
+    """Register loss implementations: factories ``(config) -> mmemb.loss.DirectionalLoss``.
+
+    One direction of the loss (``full``, the kernel's reference, and ``tiled`` are built in); a
+    recipe picks one with ``loss.name`` and passes the component's options beside it.
+    """
 
 
 @hookspec
@@ -81,9 +89,12 @@ def mmemb_register_sources(registry: Registrar) -> None:
 
 @hookspec
 def mmemb_register_eval_tasks(registry: Registrar) -> None:
-    """Register evaluation tasks for `mmemb eval`: factories ``(config) -> eval task``."""
+    """Register evaluation tasks: factories ``(config) -> mmemb.eval.task.EvalTask``.
+
+    A task scores encoded queries against their candidates (``mmeb``, ``retrieval``).
+    """
 
 
 @hookspec
 def mmemb_register_exporters(registry: Registrar) -> None:
-    """Register exporters for `mmemb export`: factories ``(config) -> exporter``."""
+    """Register exporters for `mmemb export`: factories ``(config) -> mmemb.export.Exporter``."""

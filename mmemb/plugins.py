@@ -11,7 +11,9 @@ kernel never imports them.
     >>> ega = plugins.build("reweighter", "ega", alpha=2.0)   # doctest: +SKIP
 
 Set ``MMEMB_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry-point loading (tests register plugins by hand
-with `register_plugin`).
+with `register_plugin`), ``MMEMB_TRACE_PLUGINS=1`` to print every hook call on stderr. A plugin
+that misspells a hook, declares another ``MMEMB_PLUGIN_API`` or raises inside a hook or a factory
+is reported naming the distribution that provides it.
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
-import re
+import sys
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import pluggy
 from pydantic import BaseModel, ValidationError
 
 from mmemb import hookspecs
-from mmemb.errors import ConfigError, PluginError, UnknownComponentError
+from mmemb.errors import ConfigError, MmembError, PluginError, UnknownComponentError, closest
+from mmemb.registrar import Component, Registrar
 
 ENTRY_POINT_GROUP = "mmemb"
 
@@ -50,60 +52,6 @@ KINDS: dict[str, str] = {
 }
 """Component kind -> the registration hook that fills its registry."""
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
-
-
-@dataclass(frozen=True)
-class Component:
-    """A registered component: how to build it, its config model, and who provides it."""
-
-    kind: str
-    name: str
-    factory: Callable[..., Any]
-    config: type[BaseModel] | None
-    summary: str
-    provider: str
-
-
-class Registrar:
-    """Handed to a registration hook; `add` puts one component of this kind in the registry."""
-
-    def __init__(self, kind: str, provider: str, table: dict[str, Component]) -> None:
-        self.kind = kind
-        self.provider = provider
-        self._table = table
-
-    def add(
-        self,
-        name: str,
-        factory: Callable[..., Any],
-        *,
-        config: type[BaseModel] | None = None,
-        summary: str = "",
-    ) -> None:
-        """Register `factory` under `name`.
-
-        `factory(config_instance)` is called by `build` with the validated config when `config` is
-        given, `factory()` otherwise. `summary` is the one line `mmemb plugins list` shows.
-        """
-        if not _NAME_RE.match(name):
-            raise PluginError(
-                f"{self.provider} registers {self.kind} {name!r}: names are lower-case letters, "
-                "digits, '_', '-' or '.', starting with a letter."
-            )
-        if config is not None and not (isinstance(config, type) and issubclass(config, BaseModel)):
-            raise PluginError(
-                f"{self.provider} registers {self.kind} '{name}' with config={config!r}: "
-                "it must be a pydantic BaseModel subclass (or None)."
-            )
-        if name in self._table:
-            other = self._table[name].provider
-            raise PluginError(
-                f"{self.kind} '{name}' is registered twice: by {other} and by {self.provider}. "
-                "Uninstall one of them, or ask one to rename its component."
-            )
-        self._table[name] = Component(self.kind, name, factory, config, summary, self.provider)
-
 
 class _State:
     def __init__(self) -> None:
@@ -119,11 +67,47 @@ _state = _State()
 def _new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("mmemb")
     pm.add_hookspecs(hookspecs)
+    if os.environ.get("MMEMB_TRACE_PLUGINS", "") not in ("", "0"):
+        # pluggy's own tracing: every hook call, its plugins and its result, on stderr
+        pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
+        pm.enable_tracing()
     for module in BUILTIN_PLUGINS:
-        plugin = importlib.import_module(module)
-        pm.register(plugin, name=module)
-        _state.providers[id(plugin)] = "mmemb"
+        _register(pm, importlib.import_module(module), name=module, provider="mmemb")
     return pm
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, *, name: str | None, provider: str) -> None:
+    """Register one plugin, checking its API version and its hook names; errors name `provider`."""
+    declared = getattr(plugin, "MMEMB_PLUGIN_API", None)
+    if declared is not None and declared != hookspecs.MMEMB_PLUGIN_API:
+        raise PluginError(
+            f"plugin '{name}' from {provider} was written for mmemb plugin API {declared}, but "
+            f"this mmemb provides API {hookspecs.MMEMB_PLUGIN_API}. Install a version of "
+            f"{provider} made for this mmemb, or uninstall it."
+        )
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin '{name}' from {provider}: {exc}") from exc
+    _state.providers[id(plugin)] = provider
+    unknown = [
+        attr for attr in dir(plugin)
+        if attr.startswith("mmemb_") and pm.parse_hookimpl_opts(plugin, attr) is not None
+        and not (hasattr(pm.hook, attr) and getattr(pm.hook, attr).has_spec())
+    ]
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(plugin)
+        _state.providers.pop(id(plugin), None)
+        hints = []
+        for attr in unknown:
+            close = closest(attr, KINDS.values())
+            hints.append(f"'{attr}'" + (f" (did you mean '{close}'?)" if close else ""))
+        raise PluginError(
+            f"plugin '{name}' from {provider} implements no known hook: {', '.join(hints) or exc}. "
+            f"mmemb's hooks: {', '.join(sorted(KINDS.values()))}."
+        ) from exc
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -139,8 +123,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         if pm.is_registered(plugin):
             continue
         name = ep.name if pm.get_plugin(ep.name) is None else f"{dist}:{ep.name}"
-        pm.register(plugin, name=name)
-        _state.providers[id(plugin)] = dist
+        _register(pm, plugin, name=name, provider=dist)
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -160,8 +143,7 @@ def register_plugin(
     """Register a plugin object by hand (tests, notebooks); registries are rebuilt on next use."""
     with _state.lock:
         pm = plugin_manager()
-        pm.register(plugin, name=name)
-        _state.providers[id(plugin)] = provider or name or repr(plugin)
+        _register(pm, plugin, name=name, provider=provider or name or repr(plugin))
         _state.registries.clear()
 
 
@@ -181,11 +163,22 @@ def registry(kind: str) -> Mapping[str, Component]:
         if kind not in _state.registries:
             pm = plugin_manager()
             table: dict[str, Component] = {}
-            caller = getattr(pm.hook, KINDS[kind])
-            for impl in caller.get_hookimpls():  # in registration order
+            hook = KINDS[kind]
+            # One pluggy call per plugin, in pluggy's call order (tryfirst/trylast honoured, and
+            # traced with MMEMB_TRACE_PLUGINS=1), so each registrar knows who it registers for.
+            for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
                 provider = _state.providers.get(id(impl.plugin)) or pm.get_name(impl.plugin) or "?"
-                registrar = Registrar(kind, provider, table)
-                impl.function(**{arg: registrar for arg in impl.argnames})
+                others = [p for p in pm.get_plugins() if p is not impl.plugin]
+                call = pm.subset_hook_caller(hook, remove_plugins=others)
+                try:
+                    call(registry=Registrar(kind, provider, table))
+                except MmembError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"{hook} of {provider} raised {exc!r}. Report it to {provider}'s authors, "
+                        "or uninstall it."
+                    ) from exc
             _state.registries[kind] = table
         return _state.registries[kind]
 
@@ -246,7 +239,16 @@ def build(kind: str, name: str, /, *, _where: str = "", **kwargs: Any) -> Any:
     """Build component `name` of `kind` after validating `kwargs` against its config model."""
     comp = get(kind, name, where=_where)
     cfg = validate_config(kind, name, kwargs, where=_where)
-    return comp.factory(cfg) if cfg is not None else comp.factory()
+    try:
+        return comp.factory(cfg) if cfg is not None else comp.factory()
+    except MmembError:
+        raise
+    except Exception as exc:
+        # a bug or an environment problem inside a plugin: say whose, keep the cause chained
+        raise PluginError(
+            f"building {kind} '{name}' (from {comp.provider}) failed: {exc!r}"
+            + (f" [{_where}]" if _where else "")
+        ) from exc
 
 
 def build_from(kind: str, spec: Any, *, where: str) -> Any:

@@ -83,7 +83,8 @@ def test_unknown_name_suggests_closest(isolated: None) -> None:
 def test_duplicate_names_name_both_distributions(isolated: None) -> None:
     plugins.register_plugin(PluginA(), name="a", provider="dist-a")
     plugins.register_plugin(PluginB(), name="b", provider="dist-b")
-    with pytest.raises(PluginError, match="registered twice: by dist-a and by dist-b"):
+    # pluggy calls the last-registered plugin first: dist-b registers the name, dist-a clashes
+    with pytest.raises(PluginError, match="registered twice: by dist-b and by dist-a"):
         plugins.registry("reweighter")
 
 
@@ -187,3 +188,11 @@ def test_third_party_plugin_installs_and_is_listed(tmp_path: Path) -> None:
     line = next(ln for ln in out.splitlines() if "hello_max" in ln)
     assert "[mmemb-hello]" in line and "mask-aware max pooling" in line
     assert "last_token" in out  # the default plugins are still there
+    # the plugin's own tests pass with the fixtures of mmemb's pytest plugin (entry point pytest11)
+    tests = ROOT / "plugins/examples/mmemb-hello/tests"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 passed" in run.stdout
