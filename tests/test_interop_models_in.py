@@ -195,7 +195,7 @@ def test_recipe_starts_from_a_sentence_transformers_dir(bert_dir: Path, tmp_path
     path = _st_model(bert_dir, tmp_path / "st", max_seq_length=10, prompts={"query": "q: "})
 
     def recipe(**model: object) -> object:
-        raw = {"output_dir": str(tmp_path / "out"),
+        raw = {"output_dir": str(tmp_path / "out"), "train": {"steps": 1, "batch_size": 2},
                "model": {"backbone": {"name": "hf_text", "path": str(path)}, **model}}
         return load_recipe(raw=raw, check_components=False)
 
@@ -208,8 +208,9 @@ def test_recipe_starts_from_a_sentence_transformers_dir(bert_dir: Path, tmp_path
     items = [Item(text=t) for t in TEXTS]
     assert torch.allclose(enc.encode(items, side="query"), load_encoder(path).encode(
         items, side="query"), atol=1e-6)
-    bad = load_recipe(raw={"output_dir": str(tmp_path / "o"), "model": {
-        "backbone": {"name": "clip", "path": str(path)}, "pooler": "mean"}},
-        check_components=False)
+    bad = load_recipe(raw={
+        "output_dir": str(tmp_path / "o"), "train": {"steps": 1, "batch_size": 2},
+        "model": {"backbone": {"name": "clip", "path": str(path)}, "pooler": "mean"},
+    }, check_components=False)
     with pytest.raises(ConfigError, match="Set model.backbone.name: hf_text"):
         backbone_spec(bad)
