@@ -283,3 +283,13 @@ def test_cli_mine_with_the_mining_options(encoder: Encoder, tmp_path: Path) -> N
         "--corpus", str(tmp_path / "nope.jsonl"),
     ])
     assert bad.exit_code != 0 and "nope.jsonl" in bad.output
+
+
+def test_progress_is_reported_while_embedding(
+    encoder: Encoder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _shards(tmp_path / "data", _pairs(20))
+    mine(encoder, data, tmp_path / "out", miner={"name": "knn", "num_negatives": 2},
+         show_progress=True, batch_size=4, echo=lambda s: None)
+    err = capsys.readouterr().err
+    assert "mine: embed d queries 19/19" in err and "mine: embed d pool 20/20" in err
