@@ -150,14 +150,40 @@ def check_path(path: str, *, field: str = "path") -> None:
 
 def load_or_fail(what: str, path: str, loader: Any, *args: Any, **kwargs: Any) -> Any:
     """Call `loader(path, ...)`, turning its failure into a `BackboneLoadError` that names the path
-    and the usual fixes (offline mode without a cache, a typo, a missing file)."""
+    and the usual fixes (offline mode without a cache, a typo, a missing file).
+
+    A hub id is read from the local cache only when offline mode is on or the hub does not answer
+    one quick request: a missing model then fails at once, not after five network retries."""
+    from mmemb import hub
+
+    remote = not Path(path).expanduser().exists()
+    if remote and hub.local_only(path):
+        kwargs.setdefault("local_files_only", True)
     try:
         return loader(path, *args, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
+        missing = hub.unavailable(path) if remote else None
+        if missing is not None:
+            raise BackboneLoadError(f"could not load the {what}: {missing}.") from exc
+        detail = str(exc).strip().rstrip(".")  # its own final period would double ours
         raise BackboneLoadError(
-            f"could not load the {what} from {_describe_path(path)}: {exc}. Check the path, or, "
-            "for a hub id, that it is in the local cache when HF_HUB_OFFLINE=1 is set."
+            f"could not load the {what} from {_describe_path(path)}: {detail}. Check the path, "
+            "or, for a hub id, that it is in the local cache when HF_HUB_OFFLINE=1 is set."
         ) from exc
+
+
+def quiet_transformers_progress() -> None:
+    """Turn off transformers' own progress bars ("Loading weights", "Writing model shards"):
+    a bar for reading or writing a file that is already here is noise in the output of eval,
+    encode and export, whose last line is the result. The hub's download bars (a real wait)
+    keep whatever the user set (HF_HUB_DISABLE_PROGRESS_BARS)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars_off = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also turns the hub's off ...
+    if not hub_bars_off:
+        enable_progress_bars()  # ... which were on: give them back
 
 
 def build_hf_model(
@@ -171,6 +197,7 @@ def build_hf_model(
     from transformers import AutoConfig
 
     check_path(cfg.path)
+    quiet_transformers_progress()
     dtype = torch_dtype(cfg.dtype)
     if config is None:
         config = load_or_fail("model config", cfg.path, AutoConfig.from_pretrained)
@@ -244,6 +271,7 @@ def save_hf_model(model: Any, path: str | Path) -> None:
     """Save `model` as safetensors + config. A peft-wrapped model is saved as clean base weights
     (no LoRA keys, the names transformers expects) plus its adapter in ``path/lora_adapter``, so
     the directory loads like any checkpoint and the adapter is reapplied on top."""
+    quiet_transformers_progress()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     base = unwrap_peft(model)
