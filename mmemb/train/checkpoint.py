@@ -10,15 +10,23 @@ Layout of ``OUTPUT_DIR/checkpoints/step-00000500/``::
     trainer_state.json      step, world size, engine, last metrics
     recipe.yaml             the resolved recipe
 
-A checkpoint is written into ``.tmp-step-…`` and renamed when complete, so a directory named
-``step-…`` is always whole: a job killed mid-write leaves only a temp directory, removed next time.
-Every rank writes its own files (a shared filesystem is assumed, as on any cluster); rank 0 renames.
-Loading uses safetensors and ``torch.load(weights_only=True)``: no pickled code is ever run.
+A checkpoint is written into ``.tmp-step-…``, flushed to disk, and renamed when complete, so a
+directory named ``step-…`` is always whole: a job killed mid-write (even by SIGKILL) leaves only a
+temp directory, removed next time. A write that fails (disk full, quota, file-size limit) removes
+its temp directory and raises `CheckpointError`; the previous checkpoints are untouched. Old
+checkpoints are dropped by renaming them to ``.trash-…`` first, so a half-deleted one never looks
+complete. Every rank writes its own files (a shared filesystem is assumed, as on any cluster);
+rank 0 renames. Loading uses safetensors and ``torch.load(weights_only=True)``: no pickled code is
+ever run.
+
+`trainer_state.json` also records the run's lineage (``run_id``) and recipe fingerprint, which
+`mmemb.train.rundir` checks before resuming.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -27,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mmemb.distributed import DistEnv, barrier
 from mmemb.errors import MmembError
@@ -43,26 +52,54 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory named ``step-NNNNNNNN``."""
+    m = _NAME.match(path.name)
+    if m is None:
+        raise CheckpointError(f"{path}: not a checkpoint directory name (expected step-NNNNNNNN).")
+    return int(m.group(1))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Complete checkpoints under `root` (named ``step-…`` and holding the state file, which is
+    written last), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
-def resolve_resume(spec: str, output_dir: str | Path) -> Path | None:
-    """`--resume latest` (None when there is none yet: a fresh start) or a checkpoint directory."""
-    if spec == "latest":
-        found = list_checkpoints(checkpoint_root(output_dir))
-        return found[-1] if found else None
-    path = Path(spec)
-    if not (path / STATE_FILE).is_file():
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's `trainer_state.json` (step, world size, run_id, fingerprint, metrics)."""
+    try:
+        return dict(json.loads((path / STATE_FILE).read_text()))
+    except (OSError, ValueError) as exc:
         raise CheckpointError(
-            f"--resume {spec}: not a complete mmemb checkpoint ({STATE_FILE} is missing). Pass a "
-            f"directory such as {checkpoint_root(output_dir)}/step-00000100, or 'latest'."
-        )
-    return path
+            f"{path}: not a complete mmemb checkpoint ({STATE_FILE}: {exc}). Pass a directory "
+            "such as OUTPUT_DIR/checkpoints/step-00000100, or --resume auto."
+        ) from None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint: renamed out of the ``step-…`` namespace first (atomic), so a deletion
+    cut short never leaves a partial directory that looks like a checkpoint."""
+    trash = path.with_name(f".trash-{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file of `path` and the directories themselves: a rename must not reach the disk
+    before the data it publishes (a node crash would otherwise leave an empty 'complete' one)."""
+    for sub in sorted(path.rglob("*")):
+        if sub.is_file():
+            with open(sub, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
 
 
 # -- RNG ----------------------------------------------------------------------------------------
@@ -109,39 +146,103 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     recipe_yaml: str,
     keep_last: int,
+    run_id: str | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` atomically (all ranks call this); returns its path."""
+    """Write the checkpoint of `step` atomically (all ranks call this); returns its path.
+
+    Then keeps the newest `keep_last` checkpoints up to `step` of lineage `run_id` (None: every
+    checkpoint counts), and never deletes one newer than `step`: resuming from an older one never
+    silently drops the newer ones. Raises `CheckpointError` if any rank fails to write (the
+    temp directory is removed, every earlier checkpoint is untouched)."""
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
+    error: BaseException | None = None
+    try:
+        if env.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in [*root.glob(".tmp-step-*"), *root.glob(".trash-step-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a job killed while writing
+            (tmp / "rng").mkdir(parents=True)
+            (tmp / "data").mkdir()
+    except Exception as exc:  # noqa: BLE001 - reported below, after every rank agreed
+        error = exc
+    _agree(error, env, tmp, final)
+    try:
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / "rng" / f"rank-{env.rank:05d}.pt")
+        (tmp / "data" / f"rank-{env.rank:05d}.json").write_text(json.dumps(data_state))
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    except BaseException:  # a second Ctrl-C: no half-written directory stays behind
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _agree(error, env, tmp, final)
+    try:
+        if env.is_main:
+            (tmp / "recipe.yaml").write_text(recipe_yaml)
+            state = {"step": step, "world_size": env.world_size, "run_id": run_id,
+                     **trainer_state}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks it whole
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again: swap, never a moment without one
+                old = final.with_name(f".trash-{final.name}")
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+            _fsync_dir(root)
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    _agree(error, env, tmp, final)
     if env.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step-*"):  # left by a job killed while writing
-            shutil.rmtree(stale, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-        (tmp / "data").mkdir()
-    barrier()
-    engine.save(tmp)
-    torch.save(rng_state(), tmp / "rng" / f"rank-{env.rank:05d}.pt")
-    (tmp / "data" / f"rank-{env.rank:05d}.json").write_text(json.dumps(data_state))
-    barrier()
-    if env.is_main:
-        (tmp / "recipe.yaml").write_text(recipe_yaml)
-        state = {"step": step, "world_size": env.world_size, **trainer_state}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():  # the same step saved again (e.g. preempted right after a save)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        mine = [p for p in list_checkpoints(root) if checkpoint_step(p) <= step
+                and (run_id is None or read_state(p).get("run_id") in (run_id, None))]
+        for old_ckpt in mine[:-keep_last]:
+            remove_checkpoint(old_ckpt)
     barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _agree(error: BaseException | None, env: DistEnv, tmp: Path, final: Path) -> None:
+    """A barrier that also tells every rank whether any rank failed (a plain barrier would leave
+    the others waiting forever); on failure the temp directory goes and all ranks raise."""
+    failed = error is not None
+    if env.world_size > 1 and dist.is_initialized():
+        flag = torch.tensor([float(failed)], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag)
+        failed = bool(flag.item() > 0)
+    if not failed:
+        return
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    earlier = [p.name for p in list_checkpoints(final.parent) if p != final]
+    kept = (f"the previous checkpoint {final.parent / earlier[-1]} is intact"
+            if earlier else "no earlier checkpoint exists")
+    reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
+    raise CheckpointError(
+        f"could not write checkpoint {final} ({reason}); {kept}. Free disk space or raise the "
+        "quota/file-size limit, then rerun the same command with --resume auto."
+    ) from error
 
 
 # -- loading ------------------------------------------------------------------------------------
 
 
 def read_trainer_state(path: Path, env: DistEnv) -> dict[str, Any]:
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_state(path)
     if state.get("world_size") != env.world_size:
         raise CheckpointError(
             f"{path} was written by {state.get('world_size')} process(es); this run has "
