@@ -3,6 +3,9 @@
 Verbs are imported only when run, so `mmemb --help` stays fast (no torch import). A `MmembError`
 (a problem the user can fix) is shown as its message and exit code 1, without a traceback unless
 `--traceback` (or MMEMB_TRACEBACK=1) asks for one.
+
+Exit codes of every verb: 0 done, 1 a problem the user can fix, 75 stopped by SIGTERM/SIGUSR1
+(requeue), 130 interrupted (Ctrl-C); `train` adds 3 (collapse, with train.stop_on_collapse).
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ from typing import Any
 import click
 
 from mmemb import __version__
+from mmemb import threads as _threads
 from mmemb.errors import MmembError
+
+INTERRUPTED_EXIT_CODE = 130
+"""After Ctrl-C (SIGINT); the same value as mmemb.train.INTERRUPTED_EXIT_CODE, repeated here so
+`mmemb --help` does not import torch."""
 
 # verb -> (module, one-line help shown by `mmemb --help`)
 VERBS: dict[str, tuple[str, str]] = {
@@ -56,6 +64,12 @@ class MmembGroup(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            # Ctrl-C: the status a shell reports for SIGINT, not click's "Aborted!" and 1.
+            if ctx.obj and ctx.obj.get("traceback"):
+                raise
+            click.echo("\ninterrupted (Ctrl-C).", err=True)
+            sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 @click.group(cls=MmembGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,8 +80,13 @@ class MmembGroup(click.Group):
     default=os.environ.get("MMEMB_TRACEBACK") == "1",
     help="Show the full traceback of errors (also MMEMB_TRACEBACK=1).",
 )
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, envvar="MMEMB_THREADS",
+    help="CPU threads for torch (also MMEMB_THREADS; default: the CPUs this process may use, "
+    "or OMP_NUM_THREADS, or the recipe's train.threads). Goes before the verb.",
+)
 @click.pass_context
-def cli(ctx: click.Context, traceback: bool) -> None:
+def cli(ctx: click.Context, traceback: bool, threads: int | None) -> None:
     """mmemb: train universal multimodal embedding models.
 
     \b
@@ -79,7 +98,10 @@ def cli(ctx: click.Context, traceback: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["traceback"] = traceback
+    _threads.use_cli_threads(threads)
 
 
 def main() -> None:
+    # Before any verb imports torch: OpenMP reads its wait policy only when torch loads it.
+    _threads.prime_environment()
     cli(prog_name="mmemb")

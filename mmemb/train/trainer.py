@@ -1,5 +1,8 @@
 """`mmemb train`: the run around the step — set-up, resume, the loop, metrics, checkpoints,
-preemption, evaluation and the saved encoder.
+signals, evaluation and the saved encoder.
+
+The output directory belongs to one run (`mmemb.train.rundir`); signals stop every phase cleanly
+(`mmemb.train.preempt`): during steps at the next step boundary, with a checkpoint.
 
 Per step: batch -> backbone -> pooler -> normalise -> gather -> loss (full or tiled, the recipe's
 reweighter) -> backward (plain, or GradCache chunks) -> clip -> optimizer step. The engine
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,10 +39,11 @@ from mmemb.progress import Progress
 from mmemb.recipe import LoadedRecipe
 from mmemb.train import checkpoint as ckpt
 from mmemb.train.collapse import CollapseAlarm, Collapsed
-from mmemb.train.data import ensure_prepared, shard_dir
+from mmemb.train.data import check_shards, ensure_prepared, shard_dir
 from mmemb.train.engines import Engine, EngineSetup, build_engine
 from mmemb.train.metrics import MetricsWriter, step_statistics
-from mmemb.train.preempt import Preempted, PreemptionFlag
+from mmemb.train.preempt import SignalGuard, Stopped, stop_for
+from mmemb.train.rundir import RunPlan, apply_plan, fingerprint, mark_finished, plan_run
 from mmemb.train.setup import backbone_spec, build_model, preflight, seed_everything
 from mmemb.train.step import compute_step
 
@@ -90,13 +95,17 @@ def evaluate_encoder(
 def train(
     loaded: LoadedRecipe, *, echo: Echo = print, max_steps: int | None = None,
     save: bool = True, evaluate: bool = True, resume: str | Path | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train the model a recipe describes.
 
-    `max_steps` caps the steps (used by `validate`); `save=False` writes neither checkpoints nor
-    the final model; `resume` is ``"latest"`` (the newest checkpoint under OUTPUT_DIR, or a fresh
-    start if there is none) or a checkpoint directory. Raises `Preempted` after SIGTERM/SIGUSR1
-    (a checkpoint was written) and `TrainingError` on a non-finite loss.
+    `max_steps` caps the steps (used by `validate`); `save=False` writes nothing to OUTPUT_DIR
+    (no checkpoints, metrics or model). `resume`: ``"auto"`` (the newest compatible checkpoint of
+    the run in OUTPUT_DIR, or a fresh start when there is none), ``"latest"`` (the same, but
+    there must be one) or a checkpoint directory; `overwrite` allows replacing another run's work
+    (see `mmemb.train.rundir`). Raises `Preempted` (SIGTERM/SIGUSR1) or `Interrupted` (SIGINT) in
+    any phase — during steps after writing a checkpoint — `RunDirError` when the output
+    directory belongs to another run, and `TrainingError` on a non-finite loss.
     """
     r = loaded.recipe
     env = dist_env()
@@ -106,9 +115,10 @@ def train(
     # operation and carry no signal for training: flush them to zero while training.
     flushed = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
-        run = _Run(loaded, env, device, echo=echo if env.is_main else (lambda s: None),
-                   max_steps=max_steps, save=save, evaluate=evaluate)
-        return run.execute(resume)
+        with SignalGuard() as guard:
+            run = _Run(loaded, env, device, echo=echo if env.is_main else (lambda s: None),
+                       max_steps=max_steps, save=save, evaluate=evaluate, guard=guard)
+            return run.execute(None if resume is None else str(resume), overwrite=overwrite)
     finally:
         if flushed:
             torch.set_flush_denormal(False)
@@ -120,7 +130,7 @@ class _Run:
 
     def __init__(
         self, loaded: LoadedRecipe, env: DistEnv, device: torch.device, *, echo: Echo,
-        max_steps: int | None, save: bool, evaluate: bool,
+        max_steps: int | None, save: bool, evaluate: bool, guard: SignalGuard,
     ) -> None:
         self.loaded = loaded
         self.r = loaded.recipe
@@ -137,61 +147,96 @@ class _Run:
         self.preempt_agreed = False
         self.alarm = CollapseAlarm(self.r.train.warmup_steps, dict(self.r.loss.reweighter))
         self.collapsed: str | None = None
+        self.guard = guard
+        self.run_id = ""
+        self.fingerprint = fingerprint(self.r)
+        self._unreadable = 0  # shards/samples the stream could not read, seen so far
 
     # -- set-up ---------------------------------------------------------------------------------
-    def execute(self, resume: str | Path | None) -> TrainResult:
+    def execute(self, resume: str | None, *, overwrite: bool) -> TrainResult:
         from mmemb.data.collate import Collator
         from mmemb.data.stream import make_train_loader
 
-        r, env = self.r, self.env
-        if env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "recipe.yaml").write_text(self.loaded.dump())
+        r, env, guard = self.r, self.env, self.guard
+        plan = self._plan(resume, overwrite)
+        if plan.finished:
+            state = ckpt.read_state(plan.resume_from) if plan.resume_from else {}
+            loss = float(state.get("metrics", {}).get("loss", math.nan))
+            self.echo(f"{self.out_dir}: this run already finished at step {plan.start_step} "
+                      f"(model: {self.out_dir / 'model'}); nothing to do. Raise train.steps to "
+                      "train further, or pass --overwrite to start over.")
+            return TrainResult(plan.start_step, loss, self.out_dir / "model",
+                               checkpoint=plan.resume_from)
         seed_everything(r.seed)
-        ensure_prepared(self.loaded, env, echo=self.echo)
-        resume_from = ckpt.resolve_resume(str(resume), self.out_dir) if resume else None
-        if resume == "latest" and resume_from is None:
-            self.echo(f"--resume latest: no checkpoint under {self.ckpt_root} yet; starting fresh")
-
-        encoder = build_model(self.loaded).to(self.device)
-        preflight(self.loaded, encoder, env)
-        self.loss: ContrastiveLoss = build_loss(r.loss.spec(), where="loss")
-        self.loader = make_train_loader(
-            [(shard_dir(self.loaded, e), e.weight) for e in r.data.train],
-            batch_size=r.train.batch_size,
-            collate=Collator(encoder.processor, num_negatives=r.train.negatives),
-            seed=r.seed, rank=env.rank, world_size=env.world_size,
-            num_workers=r.data.num_workers, shuffle_buffer=r.data.shuffle_buffer,
-            resample=r.data.resample, task_homogeneous=r.data.task_homogeneous,
-        )
-        start = 0
-        rng_state = None
-        if resume_from is not None:
-            state = ckpt.read_trainer_state(resume_from, env)
-            rng_state, data_state = ckpt.load_rank_state(resume_from, env)
-            self.loader.load_state_dict(data_state)
-            start = int(state["step"])
-            self.last_checkpoint = resume_from
-            self.echo(f"resumed from {resume_from} at step {start}")
+        with guard.phase("preparing data"):
+            ensure_prepared(self.loaded, env, echo=self.echo)
+        resume_from = plan.resume_from
+        with guard.phase("building the model"):
+            check_shards(self.loaded, when="before training",
+                         checkpoint=str(resume_from) if resume_from else None)
+            encoder = build_model(self.loaded).to(self.device)
+            preflight(self.loaded, encoder, env)
+            self.loss: ContrastiveLoss = build_loss(r.loss.spec(), where="loss")
+            self.loader = make_train_loader(
+                [(shard_dir(self.loaded, e), e.weight) for e in r.data.train],
+                batch_size=r.train.batch_size,
+                collate=Collator(encoder.processor, num_negatives=r.train.negatives),
+                seed=r.seed, rank=env.rank, world_size=env.world_size,
+                num_workers=r.data.num_workers, shuffle_buffer=r.data.shuffle_buffer,
+                resample=r.data.resample, task_homogeneous=r.data.task_homogeneous,
+            )
+            start = 0
+            rng_state = None
+            if resume_from is not None:
+                state = ckpt.read_trainer_state(resume_from, env)
+                rng_state, data_state = ckpt.load_rank_state(resume_from, env)
+                self.loader.load_state_dict(data_state)
+                start = int(state["step"])
+                self.last_checkpoint = resume_from
+                guard.last_checkpoint = str(resume_from)
+                self.global_loss = float(state.get("metrics", {}).get("loss", math.nan))
+                self._unreadable = self._unreadable_count()
+                self.echo(f"resumed from {resume_from} at step {start}")
         before = None
         if self.evaluate and env.is_main and r.eval.before_training and resume_from is None:
             # before the engine exists: ZeRO-3 would partition the weights across ranks
-            before = evaluate_encoder(self.loaded, encoder, self.out_dir / "eval_before",
-                                      echo=self.echo)
+            with guard.phase("evaluating before training"):
+                before = evaluate_encoder(self.loaded, encoder, self.out_dir / "eval_before",
+                                          echo=self.echo)
             if before is not None:
                 self.echo(f"P@1 before: {before:.1f}")
         barrier()
-        engine = build_engine(EngineSetup(self.loaded, encoder, env, self.device))
-        if resume_from is not None:
-            engine.load(resume_from)
-        self._log_start(encoder, engine)
-        if rng_state is not None:  # last, so nothing in the set-up draws from the restored state
-            ckpt.set_rng_state(rng_state)
+        with guard.phase("building the engine"):
+            engine = build_engine(EngineSetup(self.loaded, encoder, env, self.device))
         try:
+            if resume_from is not None:
+                with guard.phase("loading the checkpoint"):
+                    engine.load(resume_from)
+            self._log_start(encoder, engine)
+            if rng_state is not None:  # last: nothing in the set-up draws from the restored state
+                ckpt.set_rng_state(rng_state)
             history = self._loop(engine, encoder, start)
             return self._finish(engine, history, before)
         finally:
             engine.close()
+
+    def _plan(self, resume: str | None, overwrite: bool) -> RunPlan:
+        """Who owns OUTPUT_DIR and where to start (every rank reads; rank 0 writes)."""
+        if not self.save:  # validate: writes nothing, so owns nothing
+            plan = (plan_run(self.out_dir, self.loaded, resume=resume, overwrite=overwrite)
+                    if resume is not None else RunPlan("unsaved", self.fingerprint))
+            self.run_id = plan.run_id
+            return plan
+        plan = plan_run(self.out_dir, self.loaded, resume=resume, overwrite=overwrite)
+        barrier()  # every rank has read the directory before rank 0 changes it
+        if self.env.is_main:
+            for note in plan.notes:
+                self.echo(note)
+            if not plan.finished:
+                apply_plan(plan, self.out_dir, self.loaded)
+        barrier()
+        self.run_id = plan.run_id
+        return plan
 
     def _log_start(self, encoder: Encoder, engine: Engine) -> None:
         r, t = self.r, self.r.train
@@ -219,7 +264,7 @@ class _Run:
         )
 
     # -- the loop -------------------------------------------------------------------------------
-    def _check_loss(self, flag: PreemptionFlag, step: int) -> Callable[[torch.Tensor], None]:
+    def _check_loss(self, flag: SignalGuard, step: int) -> Callable[[torch.Tensor], None]:
         def check(loss: torch.Tensor) -> None:
             # One small all-reduce per step: every rank learns the global loss (all stop on a
             # NaN anywhere, before it reaches the weights) and whether any rank was signalled.
@@ -235,21 +280,20 @@ class _Run:
                     f"step {step}: the loss is {self.global_loss} (not finite); training stopped "
                     f"before updating the weights. Last good checkpoint: {kept}. Lower train.lr, "
                     "use fp32 or bf16 instead of fp16, or check the data for empty items; then "
-                    "resume with `--resume latest`."
+                    "rerun the same command with `--resume auto`."
                 )
         return check
 
     def _loop(self, engine: Engine, encoder: Encoder, start: int) -> list[dict[str, Any]]:
         t = self.r.train
-        if self.env.is_main and self.save:
-            _truncate_metrics(self.out_dir / "metrics.jsonl", start)
+        # metrics.jsonl is only appended to (see mmemb.train.rundir: resumed lines supersede)
         metrics = MetricsWriter(self.out_dir, enabled=self.env.is_main and self.save,
                                 tensorboard=t.tensorboard)
         history: list[dict[str, Any]] = []
         encoder.train()
         batches: Iterator[Any] = iter(self.loader)
         t_start = time.perf_counter()
-        with PreemptionFlag() as flag, Progress(
+        with self.guard.steps() as flag, Progress(
             self.steps - start, desc="train", log_every=t.log_every, enabled=self.env.is_main
         ) as bar:
             for step in range(start + 1, self.steps + 1):
@@ -261,13 +305,14 @@ class _Run:
                         f"the training data ran out after {step - 1} steps of {self.steps}. Set "
                         "data.resample: true (an endless stream) or lower train.steps."
                     ) from None
+                self._check_data(step)
                 batch = batch.to(self.device)
                 out = compute_step(engine, batch, self.loss, t,
                                    check_loss=self._check_loss(flag, step))
                 grad_norm = engine.step()
                 elapsed = time.perf_counter() - t0
-                record = {
-                    "step": step, "loss": self.global_loss, "lr": engine.lr,
+                record: dict[str, Any] = {
+                    "step": step, "run": self.run_id, "loss": self.global_loss, "lr": engine.lr,
                     "grad_norm": grad_norm,
                     "samples_per_s": len(batch) * self.env.world_size / max(elapsed, 1e-9),
                     "masked_duplicates": self.loss.last_masked,
@@ -290,16 +335,42 @@ class _Run:
                     self._checkpoint(engine, step, record)
                 if t.eval_every and step % t.eval_every == 0 and step < self.steps:
                     self._periodic_eval(encoder, step, metrics)
+                    self.preempt_agreed = self._agree(flag.requested)
                 if self.preempt_agreed:
-                    path = self._checkpoint(engine, step, record)
+                    signum = flag.signum or 15  # another rank's signal: a preemption
+                    flag.signum = None
+                    path = self._checkpoint(engine, step, record) if self.save else None
                     metrics.close()
-                    raise Preempted(step, str(path), flag.signum or 15)
+                    raise stop_for(signum, phase="training", step=step,
+                                   checkpoint=str(path) if path else None)
         metrics.close()
         self.echo(f"trained {self.steps - start} steps in {time.perf_counter() - t_start:.1f}s, "
                   f"final loss {self.global_loss:.4f}")
         if self.save and history:
             self._checkpoint(engine, self.steps, history[-1])
         return history
+
+    def _agree(self, local: bool) -> bool:
+        """True on every rank when any rank has it true (one small all-reduce)."""
+        if self.env.world_size > 1 and dist.is_initialized():
+            t = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            return bool(t.item() > 0)
+        return local
+
+    def _unreadable_count(self) -> int:
+        stats = self.loader.total_stats
+        return int(stats.get("bad_shard", 0)) + int(stats.get("bad_sample", 0))
+
+    def _check_data(self, step: int) -> None:
+        """When the stream met a shard or sample it could not read, check the shard files against
+        the manifests: a damaged shard stops training with its name (the stream alone would skip
+        its tail with a warning, silently training on less data)."""
+        n = self._unreadable_count()
+        if n > self._unreadable:
+            self._unreadable = n
+            last = str(self.last_checkpoint) if self.last_checkpoint else None
+            check_shards(self.loaded, when=f"step {step}", checkpoint=last)
 
     def _check_collapse(
         self, step: int, record: dict[str, Any], local_candidates: int, local_rows: int
@@ -331,17 +402,28 @@ class _Run:
             return self.last_checkpoint
         path = ckpt.save_checkpoint(
             self.ckpt_root, step, self.env, engine=engine, data_state=self.loader.state_dict(),
-            trainer_state={"engine": engine.name, "metrics": record},
+            trainer_state={"engine": engine.name, "fingerprint": self.fingerprint,
+                           "metrics": record},
             recipe_yaml=self.loaded.dump(), keep_last=self.r.train.keep_last,
+            run_id=self.run_id,
         )
         self.last_checkpoint = path
+        self.guard.last_checkpoint = str(path)
         self.echo(f"checkpoint: {path}")
         return path
 
     def _periodic_eval(self, encoder: Encoder, step: int, metrics: MetricsWriter) -> None:
-        if self.env.is_main:
-            score = evaluate_encoder(self.loaded, encoder, self.out_dir / f"eval_step{step}",
-                                     echo=self.echo)
+        if self.env.is_main and not self.guard.requested:
+            score = None
+            try:
+                # A signal stops the evaluation at once (it may take long; a scheduler's grace
+                # period is short). The training state is untouched by it, so the loop then
+                # writes this step's checkpoint as after any step.
+                with self.guard.interruptible(f"evaluating at step {step}"):
+                    score = evaluate_encoder(self.loaded, encoder,
+                                             self.out_dir / f"eval_step{step}", echo=self.echo)
+            except Stopped as stop:
+                self.guard.signum = stop.signum
             encoder.train()
             if score is not None:
                 self.echo(f"step {step}: eval {score:.1f}")
@@ -350,18 +432,38 @@ class _Run:
         barrier()
 
     # -- the end --------------------------------------------------------------------------------
+    def _save_model(self, encoder: Encoder) -> Path:
+        """Save into a staging directory and swap it in: a stop or crash mid-save leaves the
+        previous model (or none), never a half-written one that looks finished."""
+        final = self.out_dir / "model"
+        staging = self.out_dir / ".tmp-model"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_encoder(encoder, staging, backbone=backbone_spec(self.loaded),
+                     pooler=self.r.model.pooler)
+        if final.exists():
+            old = self.out_dir / ".old-model"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(final)
+        return final
+
     def _finish(
         self, engine: Engine, history: list[dict[str, Any]], before: float | None,
     ) -> TrainResult:
         r = self.r
         # collective under ZeRO-3: every rank takes part; `validate` needs no final model
-        encoder = engine.final_encoder() if (self.evaluate or self.save) else None
+        with self.guard.phase("gathering the final model"):
+            encoder = engine.final_encoder() if (self.evaluate or self.save) else None
         after = None
         model_dir = None
         if encoder is not None:
             if self.evaluate:
-                after = evaluate_encoder(self.loaded, encoder, self.out_dir / "eval_after",
-                                         echo=self.echo)
+                with self.guard.phase("evaluating after training"):
+                    after = evaluate_encoder(self.loaded, encoder, self.out_dir / "eval_after",
+                                             echo=self.echo)
                 if after is not None:
                     if before is not None:
                         self.echo(f"P@1 before: {before:.1f}")
@@ -373,25 +475,11 @@ class _Run:
                     from mmemb.lora import merge_lora
 
                     merge_lora(encoder.backbone)
-                model_dir = save_encoder(
-                    encoder, self.out_dir / "model", backbone=backbone_spec(self.loaded),
-                    pooler=r.model.pooler,
-                )
+                with self.guard.phase("saving the model"):
+                    model_dir = self._save_model(encoder)
                 self.echo(f"saved the trained encoder to {model_dir}")
         barrier()
+        if self.save and self.env.is_main and model_dir is not None:
+            mark_finished(self.out_dir, self.steps)
         return TrainResult(self.steps, self.global_loss, model_dir, before, after, history,
                            self.last_checkpoint)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines past `step` (left by a run that died after its last checkpoint)."""
-    import json
-
-    if not path.is_file():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
