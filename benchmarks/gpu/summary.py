@@ -109,7 +109,7 @@ def summarise(out: Path, stages: list[tuple[str, str]], peak: float | None) -> s
         lines.append("training step (bf16, LoRA, tiled loss + EGA):")
         for r in records:
             lines.append(
-                f"  {r['size']} ({r['params'] / 1e6:.0f} M params, {r['trainable'] / 1e6:.2f} M "
+                f"  {r['size']} ({r['params'] / 1e6:.1f} M params, {r['trainable'] / 1e6:.2f} M "
                 f"trainable) engine {r['engine']}: {r['samples_per_s']:.1f} samples/s, "
                 f"{r['median_step_s']:.3f} s/step, peak {r['peak_mib']:.0f} MiB, loss on "
                 f"{r['loss_backend']}, {r['batch']} queries × (1 + {r['negatives']})")

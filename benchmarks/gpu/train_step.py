@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     res = measure(args)
-    print(f"{res['size']} LLaVA-OneVision ({res['params'] / 1e6:.0f} M parameters, "
+    print(f"{res['size']} LLaVA-OneVision ({res['params'] / 1e6:.1f} M parameters, "
           f"{res['trainable'] / 1e6:.2f} M trainable), engine {res['engine']}, "
           f"{res['precision']}, {res['batch']} queries × (1 + {res['negatives']}) candidates, "
           f"loss on {res['loss_backend']}: {res['samples_per_s']:.1f} samples/s "
