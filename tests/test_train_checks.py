@@ -50,8 +50,9 @@ def test_refuses_settings_that_do_nothing(tmp_path: Path, data: Path, settings: 
         train(loaded, echo=lambda s: None, evaluate=False)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
-                                                                  data: Path) -> None:
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     lines: list[str] = []
     loaded = tiny_recipe(TINY, data, out, steps=2, negatives=2)
@@ -63,8 +64,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     good = list_checkpoints(out / "checkpoints")
     assert [p.name for p in good] == ["step-00000002"]
     before = load_file(str(good[0] / "model.safetensors"))
-    # A temperature this small overflows the logits s/τ to inf: the loss becomes NaN at step 3.
-    bad = tiny_recipe(TINY, data, out, steps=4, negatives=2, overrides=["loss.temperature=1e-40"])
+    # The loss turns NaN at step 3 (made so in the step's loss check: a resume must keep the
+    # recipe, so no setting can be changed to cause it).
+    import mmemb.train.trainer as trainer
+
+    real_step = trainer.compute_step
+
+    def nan_step(*args: Any, check_loss: Any, **kwargs: Any) -> Any:
+        return real_step(*args, check_loss=lambda loss: check_loss(loss * float("nan")), **kwargs)
+
+    monkeypatch.setattr(trainer, "compute_step", nan_step)
+    bad = tiny_recipe(TINY, data, out, steps=4, negatives=2)
     with pytest.raises(TrainingError, match=r"step 3: the loss is nan .*Last good checkpoint: .*"
                                             r"step-00000002"):
         train(bad, echo=lambda s: None, evaluate=False, resume="latest")
