@@ -54,6 +54,7 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_printed_command_resumes
 @pytest.mark.parametrize(
     ("phase", "target", "message"),
     [
+        ("start", "mmemb.recipe:load_recipe", "while starting"),
         ("prepare", "mmemb.data.prepare:ShardWriter.write", "while preparing data"),
         ("model", "mmemb.train.trainer:build_model", "while building the model"),
         ("eval", "mmemb.train.trainer:evaluate_encoder", "while evaluating after training"),
@@ -76,7 +77,7 @@ def test_sigterm_in_any_phase_exits_75_and_the_rerun_completes(
     assert "Traceback" not in output
     resume = printed_resume_command(output)
     assert resume[-2:] == ["--resume", "auto"]
-    if phase not in ("prepare", "model"):  # the steps ran: the final checkpoint was written
+    if phase in ("eval", "save"):  # the steps ran: the final checkpoint was written
         assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000003"]
     assert not (out / "model").exists()
 

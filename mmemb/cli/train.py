@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+from types import FrameType
+from typing import NoReturn
 
 import click
 
@@ -22,6 +25,23 @@ def recipe_header(path: str) -> str:
                 continue
             lines.append(line[1:].rstrip()[1:] if line.startswith("# ") else line[1:].rstrip())
     return "\n".join(lines).strip("\n")
+
+
+_EARLY_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class _EarlyStop(BaseException):  # noqa: N818 - a requested stop
+    """A signal before the trainer took over (the values repeat mmemb.train.preempt's exit
+    codes: importing it means importing torch, the slow part this covers)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 130 if signum == signal.SIGINT else 75
+        super().__init__(signum)
+
+
+def _stop_early(signum: int, frame: FrameType | None) -> None:
+    raise _EarlyStop(signum)
 
 
 def resume_command(recipe: str, overrides: tuple[str, ...]) -> str:
@@ -83,13 +103,29 @@ def command(recipe: str, overrides: tuple[str, ...], resume: str | None, overwri
       mmemb train recipes/llava_ov_7b.yaml --help-recipe
       torchrun --nproc-per-node 8 -m mmemb train recipes/llava_ov_7b.yaml --resume auto
     """
-    from mmemb.recipe import load_recipe
-    from mmemb.threads import use_recipe_threads
-    from mmemb.train import Stopped, train
-    from mmemb.train.collapse import COLLAPSED_EXIT_CODE, Collapsed
+    def stopped(message: str, code: int) -> NoReturn:
+        launcher = (" under the same launcher" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                    or "SLURM_PROCID" in os.environ else "")
+        click.echo(f"\n{message} To continue, run{launcher} in {os.getcwd()}:\n"
+                   f"  {resume_command(recipe, overrides)}", err=True)
+        sys.exit(code)
 
-    loaded = load_recipe(recipe, overrides)
-    use_recipe_threads(loaded.recipe.train.threads)  # unless --threads/MMEMB_THREADS was given
+    # Signals while torch and the recipe load (seconds), before the trainer's own handling.
+    previous = {sig: signal.signal(sig, _stop_early) for sig in _EARLY_SIGNALS}
+    try:
+        from mmemb.recipe import load_recipe
+        from mmemb.threads import use_recipe_threads
+        from mmemb.train import Stopped, train
+        from mmemb.train.collapse import COLLAPSED_EXIT_CODE, Collapsed
+
+        loaded = load_recipe(recipe, overrides)
+        use_recipe_threads(loaded.recipe.train.threads)  # unless --threads/MMEMB_THREADS given
+    except _EarlyStop as early:
+        stopped(f"stopped by {signal.Signals(early.signum).name} while starting; no checkpoint "
+                "written.", early.exit_code)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if help_recipe:
         header = recipe_header(recipe)
         click.echo(header or f"{recipe}: no header comment.")
@@ -98,11 +134,7 @@ def command(recipe: str, overrides: tuple[str, ...], resume: str | None, overwri
     try:
         train(loaded, echo=click.echo, resume=resume, overwrite=overwrite)
     except Stopped as exc:
-        launcher = (" under the same launcher" if int(os.environ.get("WORLD_SIZE", "1")) > 1
-                    or "SLURM_PROCID" in os.environ else "")
-        click.echo(f"\n{exc} To continue, run{launcher} in {os.getcwd()}:\n"
-                   f"  {resume_command(recipe, overrides)}", err=True)
-        sys.exit(exc.exit_code)
+        stopped(str(exc), exc.exit_code)
     except Collapsed as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(COLLAPSED_EXIT_CODE)

@@ -108,21 +108,21 @@ def train(
     directory belongs to another run, and `TrainingError` on a non-finite loss.
     """
     r = loaded.recipe
-    env = dist_env()
-    device = pick_device(r.train.device, env)
-    started = init_distributed(env, device)
-    # On a CPU, denormal floats (the far tail of a sharpening softmax) cost ~100x a normal
-    # operation and carry no signal for training: flush them to zero while training.
-    flushed = device.type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        with SignalGuard() as guard:
+    with SignalGuard() as guard:  # first: a rendezvous of many nodes can take a while
+        env = dist_env()
+        device = pick_device(r.train.device, env)
+        started = init_distributed(env, device)
+        # On a CPU, denormal floats (the far tail of a sharpening softmax) cost ~100x a normal
+        # operation and carry no signal for training: flush them to zero while training.
+        flushed = device.type == "cpu" and torch.set_flush_denormal(True)
+        try:
             run = _Run(loaded, env, device, echo=echo if env.is_main else (lambda s: None),
                        max_steps=max_steps, save=save, evaluate=evaluate, guard=guard)
             return run.execute(None if resume is None else str(resume), overwrite=overwrite)
-    finally:
-        if flushed:
-            torch.set_flush_denormal(False)
-        shutdown_distributed(started)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)
+            shutdown_distributed(started)
 
 
 class _Run:
