@@ -26,7 +26,7 @@ import numpy as np
 
 from mmemb.batching import encode_sorted
 from mmemb.data.schema import Item
-from mmemb.encoder_io import load_encoder
+from mmemb.encoder_io import ModelSource, load_encoder
 from mmemb.errors import DataError
 from mmemb.model import Side
 
@@ -147,7 +147,7 @@ def open_writer(out: Path, tmp: Path, dim: int) -> EmbeddingWriter:
 
 
 def encode_items(
-    model_dir: str | Path,
+    model_dir: str | Path | ModelSource,
     lines: Iterable[str],
     out: str | Path,
     *,
