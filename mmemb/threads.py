@@ -22,10 +22,6 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-from mmemb.errors import ConfigError
-
-ENV_THREADS = "MMEMB_THREADS"
-
 _state: dict[str, int | None] = {"cli": None}
 """The thread count given on the command line (``--threads``/``MMEMB_THREADS``), if any."""
 
@@ -60,20 +56,6 @@ def prime_environment(environ: MutableMapping[str, str] | None = None) -> dict[s
     env.update(done)
     _quiet_deepspeed_cpu_notice()
     return done
-
-
-def parse_threads(value: str | int, *, where: str) -> int:
-    """A thread count (a positive integer) or a `ConfigError` naming where it came from."""
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise ConfigError([
-            f"{where}: {value!r} is not a thread count; give a positive integer, e.g. "
-            f"{where.split('=')[0]}=1 (or leave it out for the default, {default_threads()})."
-        ])
-    return n
 
 
 def set_threads(n: int) -> None:
