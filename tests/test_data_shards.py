@@ -198,7 +198,7 @@ def test_non_serialisable_meta_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_header_scan_agrees_with_tarfile_and_handles_pax(tmp_path: Path) -> None:
-    from mmemb.data.shards import _group, _scan_tarfile
+    from mmemb.data.shards.tar_index import _group, _scan_tarfile
 
     manifest = _write(tmp_path, _mixed_samples() + text_samples(30, dataset="img set"))
     path = tmp_path / manifest["shards"][0]["path"]
