@@ -1,15 +1,22 @@
-"""Ranks from the launcher's environment (torchrun, the deepspeed launcher, or SLURM's srun)."""
+"""Everything about ranks: who this process is (from the process group or the launcher's
+environment: torchrun, the deepspeed launcher or SLURM's srun), starting and ending the process
+group, and the collectives the kernel uses (object broadcast, sums, rank-0 work, row gathers)."""
 
 from __future__ import annotations
 
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from mmemb.errors import MmembError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,12 @@ class DistEnv:
 
 
 def dist_env() -> DistEnv:
-    """torchrun/deepspeed set RANK/WORLD_SIZE/LOCAL_RANK; srun sets SLURM_PROCID/NTASKS/LOCALID."""
+    """This process's rank, world size and local rank -- the one place they are read.
+
+    Rank and world size are the initialised process group's when there is one (whoever started
+    it), else the launcher's: torchrun/deepspeed set RANK/WORLD_SIZE/LOCAL_RANK; srun sets
+    SLURM_PROCID/NTASKS/LOCALID. The local rank always comes from the environment.
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -34,7 +46,14 @@ def dist_env() -> DistEnv:
         local = int(env.get("SLURM_LOCALID", "0"))
     else:
         rank, world, local = 0, 1, 0
+    if group_active():  # the group is the truth once it exists (e.g. started with explicit ranks)
+        rank, world = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank=rank, world_size=world, local_rank=local)
+
+
+def group_active() -> bool:
+    """Whether a default torch.distributed process group is initialised in this process."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def init_distributed(env: DistEnv, device: torch.device) -> bool:
@@ -78,6 +97,49 @@ def free_port() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# --- collectives over the default group; `world` == 1 means this process alone (no group calls) --
+
+
+def broadcast_object(value: T, world: int) -> T:
+    """Rank 0's `value` on every rank."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_over_ranks(value: int, world: int) -> int:
+    """The sum of every rank's `value`, on every rank."""
+    if world == 1:
+        return value
+    values: list[int] = [0] * world
+    dist.all_gather_object(values, value)
+    return sum(values)
+
+
+def on_rank0(fn: Callable[[], T], rank: int, world: int) -> T | None:
+    """Run `fn` on rank 0 and tell every rank whether it failed, so an error there (a bad reference
+    file, a full disk) stops all ranks instead of leaving the others waiting in a collective.
+    Returns `fn`'s value on rank 0 and None elsewhere."""
+    value: T | None = None
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            value = fn()
+        except BaseException as exc:  # re-raised below, after the other ranks have been told
+            error = exc
+    failed = broadcast_object(
+        None if error is None else (isinstance(error, MmembError), str(error)), world
+    )
+    if error is not None:
+        raise error
+    if failed is not None:
+        user_error, message = failed
+        raise (MmembError if user_error else RuntimeError)(f"rank 0 failed: {message}")
+    return value
 
 
 def _slurm_master_addr() -> str | None:

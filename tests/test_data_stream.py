@@ -13,7 +13,7 @@ import pytest
 from mmemb.data.collate import Collator
 from mmemb.data.schema import Item, Sample
 from mmemb.data.shards import ShardWriter, write_json_atomic
-from mmemb.data.stream import TrainStream, make_train_loader
+from mmemb.data.stream import TrainStream
 from mmemb.data.testing import ByteProcessor, jpeg_bytes, text_samples
 from mmemb.errors import DataError
 
@@ -186,7 +186,7 @@ def test_too_few_shards_for_the_slots_is_explained(tmp_path: Path) -> None:
 def test_weighted_mixing_proportions(tmp_path: Path) -> None:
     a = _prepared(tmp_path / "a", {"a": 200}, shard_size=20)
     b = _prepared(tmp_path / "b", {"b": 200}, shard_size=20)
-    stream = make_train_loader(
+    stream = TrainStream(
         [(a, 3.0), (b, 1.0)], batch_size=20, seed=5, resample=True, shuffle_buffer=50
     )
     it = iter(stream)

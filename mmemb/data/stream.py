@@ -60,6 +60,7 @@ from mmemb.data.shards import (
     read_members,
     scan_shard,
 )
+from mmemb.distributed import dist_env
 from mmemb.errors import DataError, MmembError
 
 log = logging.getLogger(__name__)
@@ -535,19 +536,16 @@ class _WorkerStream(IterableDataset):  # type: ignore[type-arg]
             yield batch, {"worker": worker, "state": slot.state()}
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-
-
 class TrainStream:
     """Collated training batches from prepared shard directories, resumable exactly.
 
     Iterating yields batches from the current position to the end of `epochs` (``None``: forever;
     with ``resample=True`` the stream is endless anyway). `state_dict()` / `load_state_dict()`
     save and restore the position between batches.
+
+    `sources` are prepared directories with their mixing weights, ``[(path, weight), ...]`` (see
+    `load_stream_datasets`); `rank` and `world_size` default to this process's
+    (`mmemb.distributed.dist_env`).
     """
 
     def __init__(
@@ -575,9 +573,9 @@ class TrainStream:
             raise DataError(f"num_workers must be >= 0 (got {num_workers}).")
         if shuffle_buffer < 0:
             raise DataError(f"shuffle_buffer must be >= 0 (got {shuffle_buffer}).")
-        r, w = _dist_rank_world()
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
+        env = dist_env()  # the process group's ranks, else the launcher's (torchrun, srun)
+        rank = env.rank if rank is None else rank
+        world_size = env.world_size if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}.")
         self.plan = StreamPlan(
@@ -762,32 +760,3 @@ class TrainStream:
             self.epoch += 1
             self._reset_position()
 
-
-def make_train_loader(
-    sources: Sequence[tuple[str | os.PathLike[str], float] | Mapping[str, Any]],
-    *,
-    batch_size: int,
-    collate: Callable[[list[Sample]], Any] = _identity,
-    seed: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-    resample: bool = False,
-    task_homogeneous: bool = False,
-    **kwargs: Any,
-) -> TrainStream:
-    """A `TrainStream` over prepared directories ``[(path, weight), ...]`` (see `TrainStream`)."""
-    return TrainStream(
-        sources,
-        batch_size=batch_size,
-        collate=collate,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        shuffle_buffer=shuffle_buffer,
-        resample=resample,
-        task_homogeneous=task_homogeneous,
-        **kwargs,
-    )

@@ -155,7 +155,7 @@ class _Run:
     # -- set-up ---------------------------------------------------------------------------------
     def execute(self, resume: str | None, *, overwrite: bool) -> TrainResult:
         from mmemb.data.collate import Collator
-        from mmemb.data.stream import make_train_loader
+        from mmemb.data.stream import TrainStream
 
         r, env, guard = self.r, self.env, self.guard
         plan = self._plan(resume, overwrite)
@@ -177,7 +177,7 @@ class _Run:
             encoder = build_model(self.loaded).to(self.device)
             preflight(self.loaded, encoder, env)
             self.loss: ContrastiveLoss = build_loss(r.loss.spec(), where="loss")
-            self.loader = make_train_loader(
+            self.loader = TrainStream(
                 [(shard_dir(self.loaded, e), e.weight) for e in r.data.train],
                 batch_size=r.train.batch_size,
                 collate=Collator(encoder.processor, num_negatives=r.train.negatives),
