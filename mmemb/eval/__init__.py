@@ -5,7 +5,8 @@
     >>> res.overall, res.scores["ImageNet-1K"], res.group("IND").metrics
     >>> print(res.to_markdown())
 
-Modules: `runner` (evaluate, evaluate_path), `encoding` (dedup + sharded encoding), `cache`
+Modules: `runner` (evaluate, evaluate_path), `inputs` (eval data -> one job per dataset; the
+model argument), `encoding` (dedup + sharded encoding), `cache`
 (fingerprints, on-disk cache), `metrics` (P@1, top-k, Recall/MRR/NDCG), `mmeb_groups` (the 36
 datasets, meta-tasks, IND/OOD), `results` (EvalResults), `report` (markdown, references, compare),
 `task` (the protocol eval-task plugins implement). The tasks themselves (``mmeb``, ``retrieval``)

@@ -19,14 +19,29 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmemb.errors import ConfigError, DataError, closest
 from mmemb.eval.mmeb_groups import GroupScore
-from mmemb.eval.results import EvalResults, Reference
+
+if TYPE_CHECKING:  # a type only: `results` imports this module to render itself
+    from mmemb.eval.results import EvalResults
 
 DASH = "—"
+
+
+@dataclass
+class Reference:
+    """Published scores of another model, in percent: keys are dataset or group names."""
+
+    name: str
+    scores: dict[str, float]
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "scores": dict(self.scores)}
 
 
 def _norm(name: str) -> str:

@@ -3,7 +3,8 @@
 It carries the per-dataset scores and exact counts, the groups and overall score, the fingerprints
 of model and data, the software versions and run settings, and any reference scores put beside
 ours. Rendering (markdown table, comparison) lives in `mmemb.eval.report` and works from this data
-alone, so a results.json from another machine renders and compares the same way.
+alone, so a results.json from another machine renders and compares the same way. The dependency
+runs one way: this module calls the renderer, which needs `EvalResults` only as a type.
 """
 
 from __future__ import annotations
@@ -17,22 +18,13 @@ from typing import Any
 
 from mmemb.errors import DataError
 from mmemb.eval.mmeb_groups import GroupScore
+from mmemb.eval.report import Reference, to_markdown
 from mmemb.eval.task import DatasetResult
+
+__all__ = ["RESULTS_FORMAT", "RESULTS_VERSION", "EvalResults", "Reference"]
 
 RESULTS_FORMAT = "mmemb-eval-results"
 RESULTS_VERSION = 1
-
-
-@dataclass
-class Reference:
-    """Published scores of another model, in percent: keys are dataset or group names."""
-
-    name: str
-    scores: dict[str, float]
-    source: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "scores": dict(self.scores)}
 
 
 @dataclass
@@ -89,8 +81,6 @@ class EvalResults:
 
     def to_markdown(self) -> str:
         """The leaderboard-style report (what results.md holds)."""
-        from mmemb.eval.report import to_markdown
-
         return to_markdown(self)
 
     # -- (de)serialisation --------------------------------------------------------------------

@@ -13,175 +13,47 @@ Eval tasks are reached only through the ``eval_task`` registry.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from mmemb import __version__, plugins
-from mmemb.data.schema import Sample
+from mmemb.distributed import (
+    broadcast_object,
+    dist_env,
+    group_active,
+    init_distributed,
+    on_rank0,
+    pick_device,
+    shutdown_distributed,
+    sum_over_ranks,
+)
 from mmemb.encoder_io import ModelSource
-from mmemb.errors import ConfigError, DataError, MmembError, PluginError, UnknownComponentError
-from mmemb.eval.cache import EmbeddingCache, encoder_fingerprint, manifest_fingerprint
+from mmemb.errors import ConfigError, DataError, PluginError
+from mmemb.eval.cache import EmbeddingCache, encoder_fingerprint
 from mmemb.eval.encoding import DatasetCollector, EncodedDataset, make_encode_fn
+from mmemb.eval.inputs import DataArg, DatasetJob, dataset_jobs, resolve_model_dir
 from mmemb.eval.results import EvalResults
 from mmemb.eval.task import DatasetResult, EvalTask
 from mmemb.model import Encoder
 from mmemb.progress import Progress
 
 Precision = Literal["auto", "fp32", "bf16"]
-DataArg = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, Iterable[Sample]]
-T = TypeVar("T")
+__all__ = ["DataArg", "Precision", "evaluate", "evaluate_path", "resolve_model_dir"]
 
 _PROGRESS_EVERY = 64  # samples between progress-bar updates
 
 
-@dataclass
-class _Job:
-    """One dataset to evaluate and where its samples come from."""
-
-    name: str
-    source: str
-    fingerprint: str | None  # known before reading (from a manifest) or None (computed from items)
-    samples: Callable[[], Iterable[Sample]]
-    total: int | None
-
-
-# --- distributed helpers ------------------------------------------------------------------------
-
-
-def _rank_world(distributed: bool | None) -> tuple[int, int]:
-    if distributed is False:
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast(value: T, world: int) -> T:
-    if world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _sum_over_ranks(value: int, world: int) -> int:
-    if world == 1:
-        return value
-    values: list[int] = [0] * world
-    dist.all_gather_object(values, value)
-    return sum(values)
-
-
-def _on_rank0(fn: Callable[[], T], rank: int, world: int) -> T | None:
-    """Run `fn` on rank 0 and tell every rank whether it failed, so an error there (a bad reference
-    file, a full disk) stops all ranks instead of leaving the others waiting in a collective."""
-    value: T | None = None
-    error: BaseException | None = None
-    if rank == 0:
-        try:
-            value = fn()
-        except BaseException as exc:  # re-raised below, after the other ranks have been told
-            error = exc
-    failed = _broadcast(
-        None if error is None else (isinstance(error, MmembError), str(error)), world
-    )
-    if error is not None:
-        raise error
-    if failed is not None:
-        user_error, message = failed
-        raise (MmembError if user_error else RuntimeError)(f"rank 0 failed: {message}")
-    return value
-
-
-# --- inputs -------------------------------------------------------------------------------------
-
-
-def _manifest_subset(manifest: Mapping[str, Any], dataset: str) -> dict[str, Any]:
-    """What in a manifest determines one dataset's samples: its shards' checksums, the image pool
-    it may reference, its counts and the schema version (not the command or dates)."""
-    shards = [s for s in manifest.get("shards", []) if s.get("dataset") == dataset or s.get("pool")]
-    return {
-        "schema_version": manifest.get("schema_version"),
-        "dataset": manifest.get("datasets", {}).get(dataset),
-        "shards": [{k: s.get(k) for k in ("path", "sha256", "bytes", "pool")} for s in shards],
-    }
-
-
-def _identity(samples: list[Sample]) -> Iterable[Sample]:
-    return samples
-
-
-def _jobs(data: DataArg, wanted: Sequence[str] | None) -> list[_Job]:
-    jobs: list[_Job] = []
-    if isinstance(data, Mapping):
-        for name, samples in data.items():
-            materialised = list(samples)  # may be a one-shot iterator; read once, keep references
-            jobs.append(_Job(str(name), "<in-memory>", None,
-                             functools.partial(_identity, materialised), len(materialised)))
-    else:
-        from mmemb.data.shards import MANIFEST_NAME, iter_samples, read_manifest
-
-        paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        if not paths:
-            raise ConfigError(["--data: no eval data given. Pass prepared shard directories "
-                               "(`mmemb prepare --source mmeb_eval --out DIR`)."])
-        for p in map(Path, paths):
-            root = p.parent if p.name == MANIFEST_NAME else p
-            if p.is_file() and p.name != MANIFEST_NAME:
-                raise DataError(
-                    f"--data {p}: a single shard file; pass the prepared directory that holds it "
-                    "and its manifest.json (the manifest keys the cache and checks the counts)."
-                )
-            manifest = read_manifest(root)
-            for name, stats in manifest.get("datasets", {}).items():
-                total = stats.get("samples") if isinstance(stats, Mapping) else None
-                jobs.append(_Job(
-                    name, str(root), manifest_fingerprint(_manifest_subset(manifest, name), name),
-                    functools.partial(iter_samples, root, datasets=[name]), total,
-                ))
-    seen: dict[str, str] = {}
-    for job in jobs:
-        if job.name in seen:
-            raise DataError(
-                f"dataset {job.name!r} is in both {seen[job.name]} and {job.source}; results are "
-                "per dataset name, so pass each dataset once (evaluate the two in separate runs, "
-                "or prepare one under another name with `mmemb prepare --dataset-name`)"
-            )
-        seen[job.name] = job.source
-    if wanted is not None:
-        missing = [w for w in wanted if w not in seen]
-        if missing:
-            raise UnknownComponentError("dataset", missing[0], seen, where="--datasets")
-        jobs = [j for j in jobs if j.name in set(wanted)]
-    if not jobs:
-        raise DataError("the eval data holds no datasets")
-    return jobs
-
-
-def resolve_model_dir(model: str | Path | ModelSource) -> ModelSource:
-    """What `model` names (`mmemb.encoder_io.resolve_model`): a saved encoder directory or the
-    training output directory holding one in ``model/``, a sentence-transformers model, or a
-    Hugging Face model with --backbone/--pooler. Fails here, before any data is read."""
-    from mmemb.encoder_io import resolve_model
-
-    src = model if isinstance(model, ModelSource) else ModelSource(str(model))
-    resolved = resolve_model(src)  # raises the error explaining what a model is
-    return ModelSource(resolved.location, backbone=src.backbone, pooler=src.pooler,
-                       args=src.args)
+# --- settings -----------------------------------------------------------------------------------
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -259,14 +131,16 @@ def evaluate(
     """
     if batch_size < 1:
         raise ConfigError([f"batch_size: must be >= 1 (got {batch_size})"])
-    if distributed is True and not (dist.is_available() and dist.is_initialized()):
+    if distributed is True and not group_active():
         raise ConfigError([
             "distributed=True: no torch.distributed process group is initialised; launch with "
             "torchrun (mmemb eval starts the group itself) or pass distributed=None"
         ])
-    rank, world = _rank_world(distributed)
+    # Shared over the group's ranks unless told to run alone (or there is no group).
+    env = dist_env() if distributed is not False and group_active() else None
+    rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
     task_obj = _build_task(task, task_args)
-    jobs = _jobs(data, datasets)
+    jobs = dataset_jobs(data, datasets)
     device = next(encoder.parameters()).device
     prec = _resolve_precision(precision, device)
     refs_doc = _read_references(references, task_obj, jobs) if references is not None else None
@@ -296,7 +170,7 @@ def evaluate(
         "batch_size": batch_size, "world_size": world, "precision": prec, "device": str(device),
         "data": sorted({j.source for j in jobs}),
         "cache_dir": str(cache_dir) if cache_dir else None,
-        "items_encoded": _sum_over_ranks(encoded_items, world), **dict(settings or {}),
+        "items_encoded": sum_over_ranks(encoded_items, world), **dict(settings or {}),
     }
 
     def finish() -> EvalResults:
@@ -329,15 +203,15 @@ def evaluate(
             res.save(out)
         return res
 
-    final = _on_rank0(finish, rank, world)
-    final = _broadcast(final, world)
+    final = on_rank0(finish, rank, world)
+    final = broadcast_object(final, world)
     assert final is not None
     # Each rank's own share, beside the total over ranks.
     final.settings = {**final.settings, "items_encoded_this_rank": encoded_items}
     return final
 
 
-def _read_references(path: str | Path, task: EvalTask, jobs: Sequence[_Job]) -> Any:
+def _read_references(path: str | Path, task: EvalTask, jobs: Sequence[DatasetJob]) -> Any:
     """Read and check the reference file before any encoding (a typo must not cost an eval run)."""
     from mmemb.eval.report import load_references_doc, parse_references
 
@@ -354,8 +228,9 @@ def _norm(name: str) -> str:
 
 
 def _run_job(
-    job: _Job, task: EvalTask, encode_fn: Callable[..., np.ndarray], cache: EmbeddingCache | None,
-    model_fp: Mapping[str, Any], *, batch_size: int, rank: int, world: int, show_progress: bool,
+    job: DatasetJob, task: EvalTask, encode_fn: Callable[..., np.ndarray],
+    cache: EmbeddingCache | None, model_fp: Mapping[str, Any], *, batch_size: int, rank: int,
+    world: int, show_progress: bool,
 ) -> tuple[DatasetResult | None, str, int]:
     """One dataset: (result on rank 0, None elsewhere; data fingerprint; items encoded)."""
     model_id = str(model_fp["id"])
@@ -372,14 +247,14 @@ def _run_job(
     def lookup() -> EncodedDataset | None:
         return cache.load(model_id, job.name, data_fp) if cache is not None else None
 
-    cached = _on_rank0(lookup, rank, world) if cache is not None else None
-    hit = _broadcast(cached is not None, world)
+    cached = on_rank0(lookup, rank, world) if cache is not None else None
+    hit = broadcast_object(cached is not None, world)
     if hit:
         def score_cached() -> DatasetResult:
             assert cached is not None
             return _score(task, cached, data_fp, cached=True)
 
-        return _on_rank0(score_cached, rank, world), data_fp, 0
+        return on_rank0(score_cached, rank, world), data_fp, 0
 
     if collector is None:
         collector = DatasetCollector(job.name, encode_fn, batch_size=batch_size, rank=rank,
@@ -398,10 +273,10 @@ def _run_job(
             cache.save(model_id, data_fp, encoded, extra={"source": job.source, "model": model_fp})
         return _score(task, encoded, data_fp, cached=False)
 
-    return _on_rank0(store_and_score, rank, world), data_fp, collector.encoded_items
+    return on_rank0(store_and_score, rank, world), data_fp, collector.encoded_items
 
 
-def _feed(collector: DatasetCollector, job: _Job, *, show_progress: bool) -> None:
+def _feed(collector: DatasetCollector, job: DatasetJob, *, show_progress: bool) -> None:
     """Stream the job's samples into the collector (encoding as batches fill when streaming)."""
     with Progress(job.total or 0, desc=f"encode {job.name}", enabled=show_progress) as bar:
         pending = 0
@@ -461,7 +336,6 @@ def evaluate_path(
     the group is shut down afterwards. On CUDA with precision "auto"/"bf16" the weights are cast to
     bfloat16, as the reference implementation evaluates.
     """
-    from mmemb.distributed import dist_env, init_distributed, pick_device, shutdown_distributed
     from mmemb.encoder_io import load_encoder
 
     path = resolve_model_dir(model)
