@@ -1,4 +1,9 @@
-"""Shared test set-up: no network, CPU-friendly threads, marker handling."""
+"""Shared test set-up: no network, CPU-friendly threads, marker handling.
+
+Plugin isolation comes from mmemb's pytest plugin (`mmemb.testing.pytest_plugin`): mark a
+module ``pytestmark = pytest.mark.only_plugins("mmemb_hf")``, a test
+``@pytest.mark.only_plugins()``, or use the ``only_plugins`` fixture as a context manager.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -25,15 +28,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-@pytest.fixture(scope="module")
-def hf_plugins_only() -> Iterator[None]:
-    """Only the mmemb_hf plugin registered: a backbone test must not depend on other plugins
-    importing cleanly. Use with ``pytestmark = pytest.mark.usefixtures("hf_plugins_only")``."""
-    import mmemb_hf
-
-    from mmemb.testing import only_plugins
-
-    with only_plugins(mmemb_hf):
-        yield

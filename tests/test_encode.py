@@ -16,7 +16,7 @@ from mmemb.errors import DataError
 from mmemb.model import Encoder
 from mmemb.testing import make_tiny_llava_onevision, shape_png
 
-pytestmark = pytest.mark.usefixtures("hf_plugins_only")
+pytestmark = pytest.mark.only_plugins("mmemb_hf")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from mmemb.eval.encoding import DatasetCollector, make_encode_fn
 from mmemb.model import Encoder, Side
 from mmemb.testing.tiny import caption_corpus, make_tiny_text_model
 
-pytestmark = pytest.mark.usefixtures("hf_plugins_only")
+pytestmark = pytest.mark.only_plugins("mmemb_hf")
 
 
 @pytest.fixture(scope="module")

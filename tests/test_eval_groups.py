@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
-from test_eval_support import plugin_scope
+from test_eval_support import EVAL_PLUGINS
 
 from mmemb.errors import ConfigError, DataError
 from mmemb.eval.mmeb_groups import (
@@ -99,12 +98,10 @@ def _results(scores: dict[str, float], counts: int = 1000) -> EvalResults:
     )
 
 
-@pytest.fixture
-def plugins_ready(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    yield from plugin_scope(monkeypatch)
+pytestmark = pytest.mark.only_plugins(*EVAL_PLUGINS)  # the report tests build the mmeb task
 
 
-def test_markdown_table_shows_partial_groups_and_references(plugins_ready: None) -> None:
+def test_markdown_table_shows_partial_groups_and_references() -> None:
     res = _results({"ImageNet-1K": 50.0, "N24News": 70.0, "synthetic": 33.3})
     refs = parse_references(
         {"Model X (paper)": {"source": "a paper", "scores": {
@@ -131,14 +128,14 @@ def test_markdown_table_shows_partial_groups_and_references(plugins_ready: None)
     assert "Ties" in md and "reference implementation" in md
 
 
-def test_references_with_unknown_names_fail_with_a_suggestion(plugins_ready: None) -> None:
+def test_references_with_unknown_names_fail_with_a_suggestion() -> None:
     res = _results({"ImageNet-1K": 50.0})
     with pytest.raises(ConfigError, match="Did you mean 'ImageNet-1K'") as err:
         parse_references({"M": {"scores": {"ImageNet1000": 1.0, "VQA": 150}}}, known_names(res))
     assert "expected a percentage 0-100" in str(err.value)
 
 
-def test_results_roundtrip_and_compare(plugins_ready: None, tmp_path) -> None:
+def test_results_roundtrip_and_compare(tmp_path) -> None:
     a = _results({"ImageNet-1K": 50.0, "N24News": 70.0})
     b = _results({"ImageNet-1K": 55.5, "HatefulMemes": 60.0}, counts=900)
     a.save(tmp_path / "a")

@@ -4,9 +4,7 @@ embedding cache, the CLI, and 2-process sharded encoding."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +13,11 @@ import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 from test_eval_support import (
+    EVAL_PLUGINS,
     encoded_items,
     make_encoder,
     make_samples,
-    plugin_scope,
     reference_p_at_1,
-    register_eval_plugins,
 )
 
 from mmemb.data.schema import Item, Sample
@@ -29,11 +26,9 @@ from mmemb.encoder_io import save_encoder
 from mmemb.errors import DataError, MmembError, UnknownComponentError
 from mmemb.eval import EvalResults, evaluate
 from mmemb.eval.cache import EmbeddingCache
+from mmemb.testing import only_plugins
 
-
-@pytest.fixture
-def eval_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    yield from plugin_scope(monkeypatch)
+pytestmark = pytest.mark.only_plugins(*EVAL_PLUGINS)
 
 
 def _data() -> dict[str, list[Sample]]:
@@ -53,7 +48,7 @@ def _write_shards(directory: Path, data: dict[str, list[Sample]]) -> Path:
     return directory
 
 
-def test_mmeb_end_to_end_in_memory(eval_plugins: None, tmp_path: Path) -> None:
+def test_mmeb_end_to_end_in_memory(tmp_path: Path) -> None:
     enc = make_encoder()
     data = _data()
     res = evaluate(enc, data, out=tmp_path / "out", show_progress=False)
@@ -79,7 +74,7 @@ def test_mmeb_end_to_end_in_memory(eval_plugins: None, tmp_path: Path) -> None:
     assert EvalResults.load(tmp_path / "out").scores == res.scores
 
 
-def test_retrieval_task_matches_brute_force(eval_plugins: None) -> None:
+def test_retrieval_task_matches_brute_force() -> None:
     enc = make_encoder(seed=3)
     samples = make_samples("pairs", 20, n_negs=3)
     res = evaluate(enc, {"pairs": samples}, task="retrieval", show_progress=False,
@@ -109,7 +104,7 @@ def test_retrieval_task_matches_brute_force(eval_plugins: None) -> None:
 
 
 def test_cache_hit_skips_encoding_and_model_change_misses(
-    eval_plugins: None, tmp_path: Path
+    tmp_path: Path
 ) -> None:
     enc = make_encoder()
     data = _data()
@@ -135,7 +130,7 @@ def test_cache_hit_skips_encoding_and_model_change_misses(
     assert len(list(cache.iterdir())) == 2  # one entry directory per model
 
 
-def test_interrupted_run_resumes_from_finished_datasets(eval_plugins: None, tmp_path: Path) -> None:
+def test_interrupted_run_resumes_from_finished_datasets(tmp_path: Path) -> None:
     enc = make_encoder()
     data = _data()
     cache = tmp_path / "cache"
@@ -148,7 +143,7 @@ def test_interrupted_run_resumes_from_finished_datasets(eval_plugins: None, tmp_
     assert encoded == n_imagenet["unique_queries"] + n_imagenet["unique_targets"]
 
 
-def test_shards_end_to_end_match_in_memory(eval_plugins: None, tmp_path: Path) -> None:
+def test_shards_end_to_end_match_in_memory(tmp_path: Path) -> None:
     enc = make_encoder()
     data = _data()
     shard_dir = _write_shards(tmp_path / "eval", data)
@@ -168,7 +163,7 @@ def test_shards_end_to_end_match_in_memory(eval_plugins: None, tmp_path: Path) -
         evaluate(enc, [shard_dir], datasets=["ech0"], show_progress=False)
 
 
-def test_manifest_count_mismatch_is_a_data_error(eval_plugins: None, tmp_path: Path) -> None:
+def test_manifest_count_mismatch_is_a_data_error(tmp_path: Path) -> None:
     shard_dir = _write_shards(tmp_path / "eval", {"echo": make_samples("echo", 12)})
     manifest = json.loads((shard_dir / MANIFEST_NAME).read_text())
     manifest["datasets"]["echo"]["samples"] = 13
@@ -177,7 +172,7 @@ def test_manifest_count_mismatch_is_a_data_error(eval_plugins: None, tmp_path: P
         evaluate(make_encoder(), [shard_dir], show_progress=False)
 
 
-def test_cli_eval_references_and_compare(eval_plugins: None, tmp_path: Path) -> None:
+def test_cli_eval_references_and_compare(tmp_path: Path) -> None:
     from mmemb.cli.eval import command
 
     model_a = save_encoder(make_encoder(seed=0), tmp_path / "a", backbone={"name": "test_bytes"},
@@ -236,14 +231,17 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ["MMEMB_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     torch.set_num_threads(1)
+    with only_plugins(*EVAL_PLUGINS):  # a spawned process: the test's marker does not reach it
+        _evaluate_on_rank(rank, world, port, out)
+
+
+def _evaluate_on_rank(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        register_eval_plugins()
         enc = make_encoder()
         res = evaluate(enc, _data(), out=Path(out) / "results", cache_dir=Path(out) / "cache",
                        show_progress=False)
@@ -263,7 +261,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.distributed
 def test_two_process_sharded_encoding_equals_one_process(
-    eval_plugins: None, tmp_path: Path
+    tmp_path: Path
 ) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     enc = make_encoder()
@@ -295,7 +293,7 @@ def test_two_process_sharded_encoding_equals_one_process(
 
 @pytest.mark.gpu
 def test_bf16_on_cuda_is_its_own_cache_entry_and_close_to_fp32(
-    eval_plugins: None, tmp_path: Path
+    tmp_path: Path
 ) -> None:
     data = _data()
     cpu = evaluate(make_encoder(), data, cache_dir=tmp_path / "cache", show_progress=False)

@@ -13,12 +13,11 @@ import io
 import json
 import random
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
@@ -26,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mmemb
-from mmemb import plugins
 from mmemb.data.schema import Item, Sample
 from mmemb.model import Backbone, BackboneOutput, Encoder, InputProcessor, Pooler, Side
 
@@ -142,21 +140,10 @@ class EvalTestComponents:
         registry.add("test_mean", MeanPooler, summary="eval tests")
 
 
-def register_eval_plugins() -> None:
-    """Only the eval plugin and the test components (other plugins may be mid-change elsewhere)."""
-    import mmemb_eval
-
-    plugins.reset()
-    plugins.register_plugin(mmemb_eval, name="eval", provider="mmemb (eval plugin)")
-    plugins.register_plugin(EvalTestComponents(), name="eval-tests", provider="tests")
-
-
-def plugin_scope(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Body of the test modules' `eval_plugins` fixture: only our plugins, reset afterwards."""
-    monkeypatch.setenv("MMEMB_DISABLE_PLUGIN_AUTOLOAD", "1")
-    register_eval_plugins()
-    yield
-    plugins.reset()
+EVAL_PLUGINS: tuple[object, ...] = ("mmemb_eval", EvalTestComponents())
+"""Only the eval plugin and the test components (other plugins may be mid-change elsewhere):
+``pytestmark = pytest.mark.only_plugins(*EVAL_PLUGINS)``, or ``with only_plugins(*EVAL_PLUGINS)``
+where no fixture reaches (a spawned process)."""
 
 
 def make_encoder(seed: int = 0, dim: int = 16) -> Encoder:

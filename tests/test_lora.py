@@ -25,7 +25,7 @@ BATCH = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("hf_plugins_only")
+pytestmark = pytest.mark.only_plugins("mmemb_hf")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +21,8 @@ from mmemb.mine import Ranked, mine
 from mmemb.model import Encoder
 from mmemb.testing.tiny import caption_corpus, make_tiny_text_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _mining_plugins() -> Iterator[None]:
-    """Only the plugins these tests use (others may be mid-change without breaking them)."""
-    import mmemb_hf
-    import mmemb_mining
-
-    from mmemb.testing import only_plugins
-
-    with only_plugins(mmemb_hf, mmemb_mining):
-        yield
+# Only the plugins these tests use (others may be mid-change without breaking them).
+pytestmark = pytest.mark.only_plugins("mmemb_hf", "mmemb_mining")
 
 
 def ranked(*, complete: bool = True, pos: float = 0.80) -> Ranked:

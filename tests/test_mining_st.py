@@ -3,7 +3,6 @@ the same tiny BERT (loaded by both from one directory): the same negatives, in t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,8 @@ st = pytest.importorskip("sentence_transformers")
 datasets = pytest.importorskip("datasets")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _mining_plugins() -> Iterator[None]:
-    import mmemb_hf
-    import mmemb_mining
-
-    from mmemb.testing import only_plugins
-
-    with only_plugins(mmemb_hf, mmemb_mining):
-        yield
+# Only the plugins these tests use (others may be mid-change without breaking them).
+pytestmark = pytest.mark.only_plugins("mmemb_hf", "mmemb_mining")
 
 
 @pytest.fixture(scope="module")

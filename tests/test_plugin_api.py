@@ -13,14 +13,6 @@ from mmemb import plugins
 from mmemb.errors import PluginError
 
 
-@pytest.fixture
-def isolated(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("MMEMB_DISABLE_PLUGIN_AUTOLOAD", "1")
-    plugins.reset()
-    yield
-    plugins.reset()
-
-
 class Misspelt:
     @mmemb.hookimpl
     def mmemb_register_reweighter(self, registry: plugins.Registrar) -> None:  # no trailing s
@@ -46,7 +38,8 @@ class FutureApi:
     MMEMB_PLUGIN_API = mmemb.MMEMB_PLUGIN_API + 1
 
 
-def test_a_misspelt_hook_is_an_error_naming_the_plugin(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_a_misspelt_hook_is_an_error_naming_the_plugin() -> None:
     with pytest.raises(PluginError) as info:
         plugins.register_plugin(Misspelt(), name="typo", provider="mmemb-typo")
     msg = str(info.value)
@@ -56,26 +49,30 @@ def test_a_misspelt_hook_is_an_error_naming_the_plugin(isolated: None) -> None:
     assert plugins.available("reweighter") == []
 
 
-def test_an_exception_in_a_hook_names_the_distribution(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_an_exception_in_a_hook_names_the_distribution() -> None:
     plugins.register_plugin(RaisesInHook(), name="bad", provider="mmemb-bad")
     with pytest.raises(PluginError, match="mmemb_register_poolers of mmemb-bad raised") as info:
         plugins.available("pooler")
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
-def test_an_exception_in_a_factory_names_the_distribution(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_an_exception_in_a_factory_names_the_distribution() -> None:
     plugins.register_plugin(RaisesInFactory(), name="f", provider="mmemb-f")
     with pytest.raises(PluginError, match=r"building pooler 'broken' \(from mmemb-f\) failed") as e:
         plugins.build("pooler", "broken")
     assert isinstance(e.value.__cause__, ZeroDivisionError)
 
 
-def test_a_plugin_for_another_api_version_is_refused(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_a_plugin_for_another_api_version_is_refused() -> None:
     with pytest.raises(PluginError, match="written for mmemb plugin API 2, but this mmemb"):
         plugins.register_plugin(FutureApi(), name="future", provider="mmemb-future")
 
 
-def test_the_kernel_full_loss_is_there_without_entry_points(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_the_kernel_full_loss_is_there_without_entry_points() -> None:
     assert plugins.available("loss") == ["full"]
     assert plugins.get("loss", "full").provider == "mmemb"
 

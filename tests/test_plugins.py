@@ -41,15 +41,8 @@ class PluginB:
         registry.add("scale", Scale, config=ScaleConfig)
 
 
-@pytest.fixture
-def isolated(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("MMEMB_DISABLE_PLUGIN_AUTOLOAD", "1")
-    plugins.reset()
-    yield
-    plugins.reset()
-
-
-def test_build_validates_and_passes_config(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_build_validates_and_passes_config() -> None:
     plugins.register_plugin(PluginA(), name="a", provider="dist-a")
     built = plugins.build("reweighter", "scale", factor=2.5)
     assert isinstance(built, Scale) and built.factor == 2.5
@@ -58,7 +51,8 @@ def test_build_validates_and_passes_config(isolated: None) -> None:
     assert plugins.get("reweighter", "scale").provider == "dist-a"
 
 
-def test_bad_arguments_are_all_reported(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_bad_arguments_are_all_reported() -> None:
     plugins.register_plugin(PluginA(), name="a")
     with pytest.raises(ConfigError) as err:
         plugins.build("reweighter", "scale", factor=-1, fatcor=2)
@@ -69,7 +63,8 @@ def test_bad_arguments_are_all_reported(isolated: None) -> None:
         plugins.build("reweighter", "plain", x=1)
 
 
-def test_unknown_name_suggests_closest(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_unknown_name_suggests_closest() -> None:
     plugins.register_plugin(PluginA(), name="a")
     with pytest.raises(UnknownComponentError) as err:
         plugins.build("reweighter", "scal")
@@ -80,7 +75,8 @@ def test_unknown_name_suggests_closest(isolated: None) -> None:
         plugins.available("reweighters")
 
 
-def test_duplicate_names_name_both_distributions(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_duplicate_names_name_both_distributions() -> None:
     plugins.register_plugin(PluginA(), name="a", provider="dist-a")
     plugins.register_plugin(PluginB(), name="b", provider="dist-b")
     # pluggy calls the last-registered plugin first: dist-b registers the name, dist-a clashes
@@ -88,7 +84,8 @@ def test_duplicate_names_name_both_distributions(isolated: None) -> None:
         plugins.registry("reweighter")
 
 
-def test_invalid_registrations_are_rejected(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_invalid_registrations_are_rejected() -> None:
     class BadName:
         @mmemb.hookimpl
         def mmemb_register_poolers(self, registry: plugins.Registrar) -> None:
@@ -107,7 +104,8 @@ def test_invalid_registrations_are_rejected(isolated: None) -> None:
         plugins.registry("loss")
 
 
-def test_autoload_disabled_sees_nothing(isolated: None) -> None:
+@pytest.mark.only_plugins()
+def test_autoload_disabled_sees_nothing() -> None:
     assert plugins.available("reweighter") == []
 
 
@@ -195,4 +193,4 @@ def test_third_party_plugin_installs_and_is_listed(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "2 passed" in run.stdout
+    assert "4 passed" in run.stdout  # reweighter and pooler contracts, the maximum, a block

@@ -19,7 +19,7 @@ from mmemb.errors import ConfigError
 LENGTHS = [5, 2, 7, 1]
 
 
-pytestmark = pytest.mark.usefixtures("hf_plugins_only")
+pytestmark = pytest.mark.only_plugins("mmemb_hf")
 
 H = 6
 

@@ -40,7 +40,7 @@ VISION = {"llava_onevision": "vision_tower", "qwen2_vl": "visual", "clip": "visi
 BACKBONE = {"siglip": "clip"}  # SigLIP checkpoints are read by the `clip` backbone
 
 
-pytestmark = pytest.mark.usefixtures("hf_plugins_only")
+pytestmark = pytest.mark.only_plugins("mmemb_hf")
 
 
 @pytest.fixture(scope="module", params=sorted(MAKERS))
