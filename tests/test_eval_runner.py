@@ -215,7 +215,7 @@ def test_cli_eval_references_and_compare(tmp_path: Path) -> None:
                                   "--task", "mmbe", "--out", str(tmp_path / "rc")])
     assert isinstance(bad.exception, MmembError) and "Did you mean 'mmeb'" in str(bad.exception)
     bad = runner.invoke(command, ["--model", str(model_a), "--data", str(shard_dir),
-                                  "--task-arg", "ties=sometimes", "--out", str(tmp_path / "rc")])
+                                  "--arg", "ties=sometimes", "--out", str(tmp_path / "rc")])
     assert isinstance(bad.exception, MmembError) and "ties" in str(bad.exception)
     help_text = runner.invoke(command, ["--help"]).output
     assert "mmemb eval --model" in help_text and "--compare" in help_text

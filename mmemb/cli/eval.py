@@ -4,32 +4,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
-from mmemb.cli.options import model_options, model_source
-from mmemb.errors import ConfigError
-
-
-def _parse_task_args(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values are YAML (so `ties=miss`, `recall_at=[1,5]`, `mrr_at=20` work)."""
-    import yaml
-
-    args: dict[str, Any] = {}
-    problems = []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"--task-arg {pair!r}: expected KEY=VALUE, e.g. --task-arg ties=miss")
-            continue
-        try:
-            args[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            problems.append(f"--task-arg {pair!r}: the value does not parse ({exc})")
-    if problems:
-        raise ConfigError(problems)
-    return args
+from mmemb.cli.options import model_options, model_source, parse_key_values
 
 
 @click.command("eval")
@@ -41,8 +19,9 @@ def _parse_task_args(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--task", default="mmeb", show_default=True,
               help="Eval task: mmeb (P@1 over each query's candidates) or retrieval (Recall@k, "
                    "MRR@10, NDCG@10 over a shared corpus); `mmemb plugins list` shows all.")
-@click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
-              help="A task setting, e.g. ties=miss (mmeb) or recall_at=[1,5,10] (retrieval).")
+@click.option("--arg", "--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
+              help="A task setting, e.g. ties=miss (mmeb) or recall_at=[1,5,10] (retrieval); "
+                   "values are YAML. (--task-arg is the old name.)")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
               help="Directory for results.json and results.md.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -78,11 +57,14 @@ def command(
 
     \b
     Examples:
-      mmemb prepare --source mmeb_eval --arg root=MMEB-eval --out data/mmeb_eval
+      mmemb prepare --source mmeb_eval --input 'MMEB-eval/*/test-*.parquet' \\
+          --image-root MMEB-eval/eval_images --out data/mmeb_eval
       mmemb eval --model runs/llava_ov_7b/model --data data/mmeb_eval --out results/ova7b
       torchrun --nproc-per-node 8 -m mmemb eval --model runs/llava_ov_7b --data data/mmeb_eval
-      mmemb eval --model runs/quickstart/model --data data/eval --task retrieval --out results/r
-      mmemb eval --compare results/base/results.json results/ova7b/results.json
+      mmemb eval --model runs/quickstart/model --data data/quickstart/eval --task retrieval \\
+          --out results/r
+      mmemb eval --compare runs/quickstart/eval_before/results.json \\
+          runs/quickstart/eval_after/results.json
     """
     if compare_paths is not None:
         if model or backbone or pooler or model_args or data or more_data:
@@ -109,7 +91,7 @@ def command(
     cache = None if no_cache else Path(cache_dir) if cache_dir else Path(out) / "cache"
     results = evaluate_path(
         model_source(model, backbone, pooler, model_args), shard_dirs, task=task,
-        task_args=_parse_task_args(task_args), out=out,
+        task_args=parse_key_values(task_args, flag="--arg"), out=out,
         batch_size=batch_size, cache_dir=cache, references=references, show_progress=progress,
         datasets=names, device=device, precision=precision,  # type: ignore[arg-type]
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mmemb.cli.options import MODEL_HELP, model_options, model_source
+from mmemb.cli.options import MODEL_HELP, model_options, model_source, parse_key_values
 
 
 @click.command("export")
@@ -34,14 +34,12 @@ def command(
     \b
     Examples:
       mmemb export --model runs/quickstart --out exported/quickstart
-      mmemb export --model runs/minilm-ft --out exported/st --format sentence-transformers
+      mmemb export --model all-MiniLM-L6-v2/ --out exported/st --format sentence-transformers
     """
     from mmemb.export import FORMATS, export_model
-    from mmemb.recipe import parse_override
 
-    spec: dict[str, object] = {"name": FORMATS.get(fmt, fmt)}
-    for text in args:
-        keys, value = parse_override(text)
-        spec[".".join(keys)] = value
+    spec: dict[str, object] = {
+        "name": FORMATS.get(fmt, fmt), **parse_key_values(args, flag="--arg")
+    }
     path = export_model(model_source(model, backbone, pooler, model_args), out, exporter=spec)
     click.echo(f"exported to {path}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mmemb.cli.options import MODEL_HELP, model_options, model_source
+from mmemb.cli.options import MODEL_HELP, model_options, model_source, parse_key_values
 
 
 @click.command("mine")
@@ -92,12 +92,8 @@ def command(
     import sys
 
     from mmemb.mine import mine
-    from mmemb.recipe import parse_override
 
-    spec: dict[str, object] = {"name": miner}
-    for text in args:
-        keys, value = parse_override(text)
-        spec[".".join(keys)] = value
+    spec: dict[str, object] = {"name": miner, **parse_key_values(args, flag="--arg")}
     report = mine(
         model_source(model, backbone, pooler, model_args),
         list(data),

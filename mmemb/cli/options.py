@@ -49,20 +49,35 @@ def model_options(*, required: bool = True, help: str = MODEL_HELP) -> Callable[
     return decorate
 
 
+def parse_key_values(pairs: tuple[str, ...] | list[str], *, flag: str) -> dict[str, Any]:
+    """``('n=100', 'tasks=[t2i]', 'a.b=1')`` -> ``{'n': 100, 'tasks': ['t2i'], 'a.b': 1}``: the one
+    parser behind every ``--arg``/``--model-arg`` flag (values read as YAML, like recipe overrides;
+    dotted keys kept as written). Every bad pair is reported at once, naming `flag`."""
+    from mmemb.errors import ConfigError
+    from mmemb.recipe import parse_override
+
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for text in pairs:
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as exc:
+            if "YAML" in exc.problems[0]:
+                problems.append(f"{flag} {text!r}: {exc.problems[0].split(': ', 1)[-1]}")
+            else:
+                problems.append(f"{flag} {text!r}: expected KEY=VALUE, e.g. {flag} max_length=256")
+            continue
+        out[".".join(keys)] = value
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
 def model_source(
     model: str, backbone: str | None, pooler: str | None, model_args: tuple[str, ...]
 ) -> ModelSource:
     """The `ModelSource` the model options name (``--model-arg`` values parse as YAML)."""
     from mmemb.encoder_io import ModelSource
-    from mmemb.errors import ConfigError
-    from mmemb.recipe import parse_override
 
-    args: dict[str, Any] = {}
-    for text in model_args:
-        try:
-            keys, value = parse_override(text)
-        except ConfigError as exc:
-            raise ConfigError([f"--model-arg {text!r}: expected KEY=VALUE, e.g. "
-                               "--model-arg max_length=256"]) from exc
-        args[".".join(keys)] = value
+    args = parse_key_values(model_args, flag="--model-arg")
     return ModelSource(model, backbone=backbone, pooler=pooler, args=args)

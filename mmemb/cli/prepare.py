@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from mmemb.cli.options import parse_key_values
 from mmemb.errors import DataError
 
 EPILOG_HEADER = "Sources (--source NAME; extra arguments with --arg KEY=VALUE):"
@@ -44,22 +45,6 @@ def _stops_cleanly(out: Path, command_line: str) -> Iterator[None]:
         stopped(str(exc), PREEMPTED_EXIT_CODE)
     except KeyboardInterrupt:
         stopped("interrupted (Ctrl-C)", INTERRUPTED_EXIT_CODE)
-
-
-def parse_args(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``('n=100', 'tasks=[t2i]')`` -> ``{'n': 100, 'tasks': ['t2i']}`` (values read as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise DataError(f"--arg {pair!r}: expected KEY=VALUE, e.g. --arg n=1000.")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
 
 
 def _source_help() -> list[tuple[str, str, str, str]]:
@@ -311,7 +296,7 @@ def command(
 
     \b
     Examples:
-      mmemb prepare --source synthetic --arg n=2000 --out data/synth-train
+      mmemb prepare --source synthetic --arg n=2000 --shard-size 500 --out data/synth-2k
       mmemb prepare --source mmeb_train --input MMEB-train/CIRR --image-root MMEB-train \\
           --out shards/cirr --on-error skip --workers 8
       mmemb prepare --recipe recipes/quickstart.yaml
@@ -327,7 +312,7 @@ def command(
         raise DataError(
             "--source and --out are required (or --recipe). See `mmemb prepare --help`."
         )
-    source_args = parse_args(args)
+    source_args = parse_key_values(args, flag="--arg")
     if inputs:
         source_args["input"] = inputs[0] if len(inputs) == 1 else list(inputs)
     if image_root is not None:
