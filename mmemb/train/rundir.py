@@ -49,6 +49,7 @@ ALLOWED_CHANGES: tuple[str, ...] = (
     "train.eval_every",
     "train.tensorboard",
     "train.stop_on_collapse",
+    "train.threads",         # how fast, not what: the same steps give the same weights
     "eval.before_training",
     "eval.batch_size",
     "export.dir",
