@@ -23,7 +23,7 @@ import importlib.metadata
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pluggy
@@ -196,15 +196,29 @@ def get(kind: str, name: str, *, where: str = "") -> Component:
     return table[name]
 
 
-def format_validation_error(exc: ValidationError, *, where: str) -> list[str]:
-    """One line per pydantic error: '<where>.<key>: <message> (got <value>)'."""
+def format_validation_error(
+    exc: ValidationError,
+    *,
+    where: str = "",
+    place: Callable[[str], str] | None = None,
+    unknown_hint: Callable[[tuple[Any, ...]], str] | None = None,
+) -> list[str]:
+    """One line per pydantic error: ``<place>: <message> (got <value>)``.
+
+    The one formatter for config errors (recipes and component arguments alike). ``place`` maps
+    the dotted key to where it sits (default ``<where>.<key>``, e.g. a recipe file and line);
+    ``unknown_hint`` adds a hint (a did-you-mean) to an unknown key, given the error's location.
+    """
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        path = f"{where}.{key}" if where and key else (where or key)
-        got = err.get("input")
-        shown = "" if err["type"] == "missing" else f" (got {got!r})"
-        problems.append(f"{path}: {err['msg']}{shown}")
+        path = place(key) if place else (f"{where}.{key}" if where and key else (where or key))
+        shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        msg, hint = err["msg"], ""
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+            hint = f". {unknown_hint(tuple(err['loc']))}" if unknown_hint else ""
+        problems.append(f"{path}: {msg}{shown}{hint}")
     return problems
 
 
@@ -220,11 +234,13 @@ def validate_config(
             raise ConfigError([f"{place}: {kind} '{name}' takes no arguments (got {keys})."])
         return None
     fields = comp.config.model_fields
-    problems = [
-        f"{place}.{key}: unknown argument for {kind} '{name}'. Known: {', '.join(sorted(fields))}."
-        for key in kwargs
-        if key not in fields
-    ]
+    problems = []
+    for key in kwargs:
+        if key not in fields:
+            close = closest(key, fields)
+            hint = f" Did you mean '{close}'?" if close else ""
+            problems.append(f"{place}.{key}: unknown argument for {kind} '{name}'.{hint} "
+                            f"Known: {', '.join(sorted(fields)) or 'none'}.")
     try:
         cfg = comp.config.model_validate({k: v for k, v in kwargs.items() if k in fields})
     except ValidationError as exc:

@@ -355,17 +355,14 @@ def _unknown_key_hint(key: str, known: Iterable[str]) -> str:
 
 
 def _pydantic_problems(exc: ValidationError, source: str, lines: Lines) -> list[str]:
-    problems = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-        msg, hint = err["msg"], ""
-        if err["type"] == "extra_forbidden":
-            model = _model_at(err["loc"][:-1])
-            msg = "unknown key; remove it or check its spelling"
-            hint = ". " + _unknown_key_hint(key, model.model_fields if model is not None else ())
-        problems.append(f"{_where(source, key, lines)}: {msg}{shown}{hint}")
-    return problems
+    def hint(loc: tuple[Any, ...]) -> str:
+        model = _model_at(loc[:-1])
+        key = ".".join(str(p) for p in loc)
+        return _unknown_key_hint(key, model.model_fields if model is not None else ())
+
+    return plugins.format_validation_error(
+        exc, place=lambda key: _where(source, key, lines), unknown_hint=hint
+    )
 
 
 class _Sections:

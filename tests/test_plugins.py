@@ -57,7 +57,8 @@ def test_bad_arguments_are_all_reported() -> None:
     with pytest.raises(ConfigError) as err:
         plugins.build("reweighter", "scale", factor=-1, fatcor=2)
     msg = str(err.value)
-    assert "fatcor: unknown argument for reweighter 'scale'. Known: factor." in msg
+    assert ("fatcor: unknown argument for reweighter 'scale'. Did you mean 'factor'? "
+            "Known: factor.") in msg
     assert "factor: Input should be greater than 0 (got -1)" in msg
     with pytest.raises(ConfigError, match="takes no arguments"):
         plugins.build("reweighter", "plain", x=1)
