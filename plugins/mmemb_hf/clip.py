@@ -22,23 +22,13 @@ import torch
 
 from mmemb.data.schema import Item
 from mmemb.errors import ConfigError
-from mmemb.model import Backbone, BackboneOutput, InputProcessor, ModelInputs, Side
-from mmemb_hf.common import (
-    build_hf_model,
-    check_path,
-    decode_image,
-    freeze_modules,
-    item_instruction,
-    load_or_fail,
-    maybe_load_adapter,
-    needs_placeholder,
-    placeholder_rng,
-    save_hf_model,
-    tower_regexes,
-    unwrap_peft,
-    zero_from,
-)
+from mmemb.model import BackboneOutput, InputProcessor, ModelInputs, Side
+from mmemb_hf.base import HFBackbone
 from mmemb_hf.configs import ClipConfig
+from mmemb_hf.loading import tower_regexes, unwrap_peft
+from mmemb_hf.prompts import item_instruction
+from mmemb_hf.uniform import needs_placeholder, placeholder_rng, zero_from
+from mmemb_hf.vision import decode_image
 
 SUPPORTED = {"clip": "CLIPModel", "siglip": "SiglipModel"}
 UNSUPPORTED = {
@@ -111,7 +101,7 @@ def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-class ClipBackbone(Backbone):
+class ClipBackbone(HFBackbone):
     """A CLIP/SigLIP model used as two towers; see the module docstring for the fusion rule."""
 
     lora_towers: Mapping[str, str] = tower_regexes({
@@ -120,14 +110,18 @@ class ClipBackbone(Backbone):
         "projector": ["text_projection", "visual_projection"],
     })
 
-    def __init__(self, cfg: ClipConfig) -> None:
-        super().__init__()
-        import transformers
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    backbone_name = "clip"
+    PARTS = PARTS
+    cfg: ClipConfig
+    _processor: ClipProcessor
 
-        self.cfg = cfg
-        check_path(cfg.path)
-        hf_config = load_or_fail("model config", cfg.path, AutoConfig.from_pretrained)
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__(cfg)
+
+    def _configure(self, hf_config: Any) -> Any:
+        import transformers
+
+        cfg = self.cfg
         model_type = getattr(hf_config, "model_type", "?")
         if model_type in UNSUPPORTED:
             raise ConfigError([
@@ -139,22 +133,23 @@ class ClipBackbone(Backbone):
                 f"path: {cfg.path} holds a '{model_type}' model; backbone 'clip' reads "
                 f"{', '.join(SUPPORTED)} dual encoders."
             ])
-        tokenizer = load_or_fail("tokenizer", cfg.path, AutoTokenizer.from_pretrained)
-        image_processor = load_or_fail("image processor", cfg.path,
-                                       AutoImageProcessor.from_pretrained)
+        return getattr(transformers, SUPPORTED[model_type])
+
+    def _make_processor(self, hf_config: Any, tokenizer: Any,
+                        image_processor: Any) -> InputProcessor:
+        cfg = self.cfg
         # CLIP pools at the first EOS, which is also its pad token: right padding only. SigLIP
         # pools the last position and was trained on max_length padding.
-        padding = "max_length" if model_type.startswith("siglip") else "longest"
+        padding = "max_length" if hf_config.model_type.startswith("siglip") else "longest"
         positions = int(hf_config.text_config.max_position_embeddings)
         if cfg.max_length is not None and cfg.max_length > positions:
             raise ConfigError([
                 f"max_length: {cfg.max_length} is more than the {positions} positions of the text "
                 f"tower at {cfg.path}; set max_length to at most {positions} (or leave it unset)."
             ])
-        self._processor = ClipProcessor(tokenizer, image_processor, cfg, padding,
-                                        cfg.max_length or positions)
-        model = build_hf_model(getattr(transformers, SUPPORTED[model_type]), cfg,
-                               config=hf_config)
+        return ClipProcessor(tokenizer, image_processor, cfg, padding, cfg.max_length or positions)
+
+    def _prepare_model(self, model: Any) -> None:
         # Scores between towers: unused by an embedding backbone, so never trained. Held as
         # buffers (same state-dict keys, so checkpoints are unchanged): DeepSpeed cannot
         # broadcast a 0-dim *parameter* across ranks ("cannot view Float as Byte").
@@ -163,8 +158,8 @@ class ClipBackbone(Backbone):
             if isinstance(param, torch.nn.Parameter):
                 delattr(model, name)
                 model.register_buffer(name, param.detach().clone())
-        freeze_modules(model, cfg.freeze, PARTS, backbone="clip")
-        self.model: Any = maybe_load_adapter(model, cfg.path)
+
+    def _finish(self, hf_config: Any, model: Any) -> None:
         self._placeholder: dict[str, torch.Tensor] | None = None
         self._dim = int(getattr(hf_config, "projection_dim", 0)
                         or hf_config.text_config.hidden_size)
@@ -240,10 +235,6 @@ class ClipBackbone(Backbone):
             emb = emb + zero_from(unused).to(emb.dtype)
         mask = torch.ones((n, 1), dtype=torch.long, device=device)
         return BackboneOutput(hidden_states=emb.unsqueeze(1), attention_mask=mask)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_hf_model(self.model, path)
-        self._processor.save_pretrained(path)
 
 
 def nn_unit(x: torch.Tensor) -> torch.Tensor:

@@ -18,21 +18,11 @@ import torch
 
 from mmemb.data.schema import Item
 from mmemb.errors import ConfigError, DataError
-from mmemb.model import Backbone, BackboneOutput, InputProcessor, ModelInputs, Side
-from mmemb_hf.common import (
-    build_hf_model,
-    check_path,
-    freeze_modules,
-    left_padded_positions,
-    load_or_fail,
-    maybe_load_adapter,
-    render_content,
-    save_hf_model,
-    split_trimmed,
-    truncate_text,
-    unwrap_peft,
-)
+from mmemb.model import BackboneOutput, InputProcessor, ModelInputs, Side
+from mmemb_hf.base import HFBackbone
 from mmemb_hf.configs import HFTextConfig
+from mmemb_hf.loading import unwrap_peft
+from mmemb_hf.prompts import left_padded_positions, render_content, split_trimmed, truncate_text
 
 # Model families whose position ids are derived from the padding index: passing 0-based ids
 # would shift them; they compute padding-aware positions themselves.
@@ -125,28 +115,37 @@ def resolve_max_length(cfg: HFTextConfig, hf_config: Any) -> int:
     return cfg.max_length
 
 
-class HFTextBackbone(Backbone):
+class HFTextBackbone(HFBackbone):
     """Last hidden layer of an `AutoModel` over the tokenized prompt."""
 
-    def __init__(self, cfg: HFTextConfig) -> None:
-        super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+    backbone_name = "hf_text"
+    uses_image_processor = False
+    cfg: HFTextConfig
+    _processor: HFTextProcessor
 
-        self.cfg = cfg
-        check_path(cfg.path)
-        hf_config = load_or_fail("model config", cfg.path, AutoConfig.from_pretrained)
-        tokenizer = load_or_fail("tokenizer", cfg.path, AutoTokenizer.from_pretrained)
+    def __init__(self, cfg: HFTextConfig) -> None:
+        super().__init__(cfg)
+
+    def _configure(self, hf_config: Any) -> Any:
+        from transformers import AutoModel
+
+        return AutoModel  # any architecture: AutoModel picks the class from the config
+
+    def _make_processor(self, hf_config: Any, tokenizer: Any,
+                        image_processor: Any) -> InputProcessor:
+        cfg = self.cfg
         if tokenizer.pad_token is None:
             # Decoder tokenizers often have no pad token; padded positions are masked anyway.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         side = cfg.padding_side or tokenizer.padding_side
-        self._processor = HFTextProcessor(tokenizer, cfg, side,
-                                          resolve_max_length(cfg, hf_config))
+        processor = HFTextProcessor(tokenizer, cfg, side, resolve_max_length(cfg, hf_config))
         self.appends_eos = bool(cfg.append_eos and tokenizer.eos_token)
-        model = build_hf_model(AutoModel, cfg, config=hf_config)
-        emb_prefix = self._embedding_prefix(model)
-        freeze_modules(model, cfg.freeze, {"embeddings": [emb_prefix]}, backbone="hf_text")
-        self.model: Any = maybe_load_adapter(model, cfg.path)
+        return processor
+
+    def _freeze_parts(self, model: Any) -> Mapping[str, Sequence[str]]:
+        return {"embeddings": [self._embedding_prefix(model)]}
+
+    def _finish(self, hf_config: Any, model: Any) -> None:
         self._hidden = int(hf_config.get_text_config().hidden_size)
         params = inspect.signature(model.forward).parameters
         self._accepts = set(params)
@@ -184,10 +183,6 @@ class HFTextBackbone(Backbone):
             kwargs["use_cache"] = False
         out = model(**kwargs)
         return BackboneOutput(hidden_states=out.last_hidden_state, attention_mask=mask)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_hf_model(self.model, path)
-        self._processor.save_pretrained(path)
 
 
 def build(cfg: HFTextConfig) -> HFTextBackbone:

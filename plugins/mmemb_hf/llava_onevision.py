@@ -25,32 +25,20 @@ import torch
 
 from mmemb.data.schema import Item
 from mmemb.errors import ConfigError
-from mmemb.model import Backbone, BackboneOutput, InputProcessor, ModelInputs, Side
-from mmemb_hf.common import (
-    build_hf_model,
-    check_path,
-    decode_image,
-    expand_image_tokens,
-    freeze_lm_head,
-    freeze_modules,
-    image_features,
-    left_padded_positions,
-    limit_image_side,
-    load_or_fail,
-    maybe_load_adapter,
-    needs_placeholder,
-    pad_rows,
-    placeholder_rng,
-    render_content,
-    save_hf_model,
-    scatter_image_features,
-    split_trimmed,
-    tower_regexes,
-    truncate_text,
-    unwrap_peft,
-    zero_from,
-)
+from mmemb.model import BackboneOutput, InputProcessor, ModelInputs, Side
+from mmemb_hf.base import HFBackbone
 from mmemb_hf.configs import LlavaOnevisionConfig
+from mmemb_hf.loading import freeze_lm_head, tower_regexes, unwrap_peft
+from mmemb_hf.prompts import (
+    expand_image_tokens,
+    left_padded_positions,
+    pad_rows,
+    render_content,
+    split_trimmed,
+    truncate_text,
+)
+from mmemb_hf.uniform import needs_placeholder, placeholder_rng, zero_from
+from mmemb_hf.vision import decode_image, image_features, limit_image_side, scatter_image_features
 
 # Module-name prefixes inside LlavaOnevisionForConditionalGeneration (transformers >= 4.52 layout).
 PARTS: dict[str, list[str]] = {
@@ -228,25 +216,25 @@ class LlavaOnevisionProcessor(InputProcessor):
         self.image_processor.save_pretrained(path)
 
 
-class LlavaOnevisionBackbone(Backbone):
+class LlavaOnevisionBackbone(HFBackbone):
     """LLaVA-OneVision's language-model hidden states over the prompt with the image features.
 
     Holds the full `LlavaOnevisionForConditionalGeneration` (so checkpoints load and save in the
     usual format) but runs only its inner model: the LM head is never computed and is frozen.
     """
 
-    def __init__(self, cfg: LlavaOnevisionConfig) -> None:
-        super().__init__()
-        from transformers import (
-            AutoConfig,
-            AutoImageProcessor,
-            AutoTokenizer,
-            LlavaOnevisionForConditionalGeneration,
-        )
+    backbone_name = "llava_onevision"
+    PARTS = PARTS
+    cfg: LlavaOnevisionConfig
+    _processor: LlavaOnevisionProcessor
 
-        self.cfg = cfg
-        check_path(cfg.path)
-        hf_config = load_or_fail("model config", cfg.path, AutoConfig.from_pretrained)
+    def __init__(self, cfg: LlavaOnevisionConfig) -> None:
+        super().__init__(cfg)
+
+    def _configure(self, hf_config: Any) -> Any:
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        cfg = self.cfg
         if getattr(hf_config, "model_type", None) != "llava_onevision":
             raise ConfigError([
                 f"path: {cfg.path} holds a '{getattr(hf_config, 'model_type', '?')}' model, not "
@@ -270,11 +258,16 @@ class LlavaOnevisionBackbone(Backbone):
         # to the processor's, or the image token count and the feature count disagree.
         hf_config.image_grid_pinpoints = pinpoints
         hf_config.vision_aspect_ratio = aspect
-        tokenizer = load_or_fail(
-            "tokenizer", cfg.path, AutoTokenizer.from_pretrained, padding_side=cfg.padding_side
-        )
-        image_processor = load_or_fail("image processor", cfg.path,
-                                       AutoImageProcessor.from_pretrained)
+        self._anyres = (crop, patches, aspect, pinpoints)  # for the processor, built next
+        return LlavaOnevisionForConditionalGeneration
+
+    def _tokenizer_kwargs(self) -> dict[str, Any]:
+        return {"padding_side": self.cfg.padding_side}
+
+    def _make_processor(self, hf_config: Any, tokenizer: Any,
+                        image_processor: Any) -> InputProcessor:
+        cfg = self.cfg
+        crop, patches, aspect, pinpoints = self._anyres
         if image_processor.size.get("height", crop) != crop:
             raise ConfigError([
                 f"path: {cfg.path}: the image processor's size {image_processor.size} differs "
@@ -282,14 +275,15 @@ class LlavaOnevisionBackbone(Backbone):
             ])
         image_processor.image_grid_pinpoints = pinpoints
         self.appends_eos = bool(cfg.append_eos and tokenizer.eos_token)
-        self._processor = LlavaOnevisionProcessor(
+        return LlavaOnevisionProcessor(
             tokenizer, image_processor, cfg, pinpoints=pinpoints, patches_per_side=patches,
             vision_aspect_ratio=aspect,
         )
-        model = build_hf_model(LlavaOnevisionForConditionalGeneration, cfg, config=hf_config)
+
+    def _prepare_model(self, model: Any) -> None:
         freeze_lm_head(model)
-        freeze_modules(model, cfg.freeze, PARTS, backbone="llava_onevision")
-        self.model: Any = maybe_load_adapter(model, cfg.path)
+
+    def _finish(self, hf_config: Any, model: Any) -> None:
         self._hidden = int(hf_config.text_config.hidden_size)
         self._placeholder: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -362,10 +356,6 @@ class LlavaOnevisionBackbone(Backbone):
             use_cache=False,
         )
         return BackboneOutput(hidden_states=out.last_hidden_state, attention_mask=mask)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_hf_model(self.model, path)
-        self._processor.save_pretrained(path)
 
 
 def build(cfg: LlavaOnevisionConfig) -> LlavaOnevisionBackbone:

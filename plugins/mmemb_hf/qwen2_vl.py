@@ -26,30 +26,19 @@ import torch
 
 from mmemb.data.schema import Item
 from mmemb.errors import ConfigError, DataError
-from mmemb.model import Backbone, BackboneOutput, InputProcessor, ModelInputs, Side
-from mmemb_hf.common import (
-    build_hf_model,
-    check_path,
-    decode_image,
-    expand_image_tokens,
-    freeze_lm_head,
-    freeze_modules,
-    image_features,
-    load_or_fail,
-    maybe_load_adapter,
-    needs_placeholder,
-    pad_rows,
-    placeholder_rng,
-    render_content,
-    save_hf_model,
-    scatter_image_features,
-    split_trimmed,
-    tower_regexes,
-    truncate_text,
-    unwrap_peft,
-    zero_from,
-)
+from mmemb.model import BackboneOutput, InputProcessor, ModelInputs, Side
+from mmemb_hf.base import HFBackbone
 from mmemb_hf.configs import Qwen2VLConfig
+from mmemb_hf.loading import freeze_lm_head, tower_regexes, unwrap_peft
+from mmemb_hf.prompts import (
+    expand_image_tokens,
+    pad_rows,
+    render_content,
+    split_trimmed,
+    truncate_text,
+)
+from mmemb_hf.uniform import needs_placeholder, placeholder_rng, zero_from
+from mmemb_hf.vision import decode_image, image_features, scatter_image_features
 
 PARTS: dict[str, list[str]] = {
     "vision": ["model.visual.patch_embed.", "model.visual.blocks."],
@@ -149,7 +138,7 @@ class Qwen2VLProcessor(InputProcessor):
         self.image_processor.save_pretrained(path)
 
 
-class Qwen2VLBackbone(Backbone):
+class Qwen2VLBackbone(HFBackbone):
     """Qwen2-VL / Qwen2.5-VL language-model hidden states over the prompt with image features.
     The full conditional-generation model is kept (usual checkpoint format); its LM head is not
     run and, unless tied to the input embeddings, is frozen."""
@@ -161,36 +150,41 @@ class Qwen2VLBackbone(Backbone):
     }
     """Tower -> regex of module-name prefixes inside `self.model` (used by `mmemb.lora`)."""
 
-    def __init__(self, cfg: Qwen2VLConfig) -> None:
-        super().__init__()
-        import transformers
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    backbone_name = "qwen2_vl"
+    PARTS = PARTS
+    cfg: Qwen2VLConfig
+    _processor: Qwen2VLProcessor
 
-        self.cfg = cfg
-        check_path(cfg.path)
-        hf_config = load_or_fail("model config", cfg.path, AutoConfig.from_pretrained)
+    def __init__(self, cfg: Qwen2VLConfig) -> None:
+        super().__init__(cfg)
+
+    def _configure(self, hf_config: Any) -> Any:
+        import transformers
+
         model_type = getattr(hf_config, "model_type", "?")
         if model_type not in SUPPORTED:
             raise ConfigError([
-                f"path: {cfg.path} holds a '{model_type}' model; backbone 'qwen2_vl' reads "
+                f"path: {self.cfg.path} holds a '{model_type}' model; backbone 'qwen2_vl' reads "
                 f"{' and '.join(SUPPORTED)} models."
             ])
-        tokenizer = load_or_fail("tokenizer", cfg.path, AutoTokenizer.from_pretrained)
-        image_processor = load_or_fail("image processor", cfg.path,
-                                       AutoImageProcessor.from_pretrained)
-        self._processor = Qwen2VLProcessor(tokenizer, image_processor, cfg)
-        self.appends_eos = bool(cfg.append_eos and tokenizer.eos_token)
-        model = build_hf_model(getattr(transformers, SUPPORTED[model_type]), cfg,
-                               config=hf_config)
+        return getattr(transformers, SUPPORTED[model_type])
+
+    def _make_processor(self, hf_config: Any, tokenizer: Any,
+                        image_processor: Any) -> InputProcessor:
+        processor = Qwen2VLProcessor(tokenizer, image_processor, self.cfg)
+        self.appends_eos = bool(self.cfg.append_eos and tokenizer.eos_token)
+        return processor
+
+    def _prepare_model(self, model: Any) -> None:
         freeze_lm_head(model)
-        freeze_modules(model, cfg.freeze, PARTS, backbone="qwen2_vl")
-        self.model: Any = maybe_load_adapter(model, cfg.path)
+
+    def _finish(self, hf_config: Any, model: Any) -> None:
         self._hidden = int(hf_config.get_text_config().hidden_size)
         self._image_token_id = int(hf_config.image_token_id)
         self._placeholder: tuple[torch.Tensor, torch.Tensor] | None = None
         if self._image_token_id != self._processor.image_token_id:
             raise ConfigError([
-                f"path: {cfg.path}: the tokenizer's <|image_pad|> id "
+                f"path: {self.cfg.path}: the tokenizer's <|image_pad|> id "
                 f"{self._processor.image_token_id} differs from the model's image_token_id "
                 f"{self._image_token_id}; tokenizer and model do not belong together."
             ])
@@ -254,10 +248,6 @@ class Qwen2VLBackbone(Backbone):
             use_cache=False,
         )
         return BackboneOutput(hidden_states=out.last_hidden_state, attention_mask=mask)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_hf_model(self.model, path)
-        self._processor.save_pretrained(path)
 
 
 def build(cfg: Qwen2VLConfig) -> Qwen2VLBackbone:

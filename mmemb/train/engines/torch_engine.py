@@ -14,7 +14,7 @@ feature layer LLaVA reads) and a frozen tower is skipped by batches without its 
 counts a parameter as used if any chunk of the step used it on any rank, including chunks run
 under ``no_sync`` (pytorch/pytorch#124193, in torch >= 2.4), so the averaged gradients are the
 full-batch ones; the backbones also run every trainable tower in every training chunk
-(`mmemb_hf.common.needs_placeholder`), so the used set does not vary between chunks anyway.
+(`mmemb_hf.uniform.needs_placeholder`), so the used set does not vary between chunks anyway.
 """
 
 from __future__ import annotations
