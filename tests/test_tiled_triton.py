@@ -56,7 +56,7 @@ def compare(name, options, *, b, m, d, dtype, device, blocks=None, seed=0, dup=F
     ``dup``, also how many entries the duplicate keys masked (``masked``)."""
     import torch
     import torch.nn.functional as F
-    from mmemb_tiled.function import TiledCE, TorchTiles, TritonTiles
+    from mmemb_tiled.autograd import TiledCE, TorchTiles, TritonTiles
 
     from mmemb import plugins
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmemb.errors import ConfigError
 from mmemb.loss import DuplicateKeys, Reweighter
-from mmemb_tiled.function import (
+from mmemb_tiled.autograd import (
     TileBackend,
     TiledCE,
     TorchTiles,

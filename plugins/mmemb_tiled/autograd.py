@@ -1,4 +1,5 @@
-"""The autograd function of the tiled loss and the backends it runs on (PyTorch tiles, Triton)."""
+"""The autograd function of the tiled loss (`TiledCE`) and the backends its two passes run on
+(PyTorch tiles, the Triton kernel)."""
 
 from __future__ import annotations
 
