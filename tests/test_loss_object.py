@@ -212,3 +212,20 @@ def test_collapse_alarm_fires_once_after_patience_and_names_the_fix():
     sims = CollapseAlarm(warmup_steps=0, reweighter={"name": "none"}, patience=1)
     line = sims.check(1, loss=0.5, candidates_per_row=40, pos_sim=0.8, hardest_neg_sim=0.8)
     assert line is not None and "train.lr" in line
+
+
+def test_amplification_of_a_logit_reweighter_is_measured_against_plain_infonce():
+    q, c, t = _batch(6, 24, 8, seed=9)
+    llave = L.loss_diagnostics(q, c, t, temperature=TAU,
+                               reweighter=plugins.build("reweighter", "llave", alpha=9.0))
+    # LLaVE adds α·s to every negative's logit: the most similar ones gain the most
+    assert llave["amplification"] > 1.0
+    z = q @ c.T / TAU
+    p = torch.softmax(z, dim=1)
+    zt = z + 9.0 * (z * TAU)
+    zt[torch.arange(6), t] = z[torch.arange(6), t]
+    pbar = torch.softmax(zt, dim=1)
+    neg = torch.ones_like(p, dtype=torch.bool)
+    neg[torch.arange(6), t] = False
+    mass = float(((pbar * neg).sum(1) / (p * neg).sum(1)).mean())
+    assert llave["negative_mass"] == pytest.approx(mass, rel=1e-10)

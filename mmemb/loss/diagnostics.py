@@ -42,7 +42,8 @@ def loss_diagnostics(
       when a reweighter shifts the gradient towards hard negatives, whether or not it keeps the
       row's total (EGA with ``normalize: true`` keeps it, and still reports > 1);
     - ``hard_share``: mean ``share(p̄)`` itself;
-    - ``negative_mass``: mean over rows of ``Σ_neg p̄ / Σ_neg p`` (1 when normalised);
+    - ``negative_mass``: mean over rows of ``Σ_neg p̄ / Σ_neg p`` (1 when normalised), ``p`` being
+      plain InfoNCE's softmax of the raw logits (also for reweighters that change the logits);
     - ``removed_fraction``: fraction of negatives removed from the softmax (``z' = −∞``);
     - ``masked_duplicates``: number of (row, column) entries masked as copies of the positive.
 
@@ -96,9 +97,12 @@ def loss_diagnostics(
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(m, device=q.device).expand_as(order))
         hard = neg & (rank < k_hard[:, None])
-        mass = torch.where(neg, p, 0.0).sum(dim=1)
+        # the baseline is plain InfoNCE's softmax of the raw logits, so a reweighter that acts on
+        # the logits (LLaVE, the top-k mask) is measured against it too, not against itself
+        p_plain = torch.softmax(z, dim=1) if rw.transforms_logits else p
+        mass = torch.where(neg, p_plain, 0.0).sum(dim=1)
         mass_bar = torch.where(neg, pbar, 0.0).sum(dim=1)
-        share = torch.where(hard, p, 0.0).sum(dim=1) / mass
+        share = torch.where(hard, p_plain, 0.0).sum(dim=1) / mass
         share_bar = torch.where(hard, pbar, 0.0).sum(dim=1) / mass_bar
         ok = (mass > 0) & (mass_bar > 0) & (share > 0)
         amp_sum += float((share_bar[ok] / share[ok]).sum())
