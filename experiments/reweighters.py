@@ -9,7 +9,8 @@ the config. From each run's eval results and metrics.jsonl it writes
   WORKDIR/summary.md    a markdown table: P@1 per seed (strict, and with VLM2Vec's tie rule when
                         the eval task reports both), mean, std, the paired difference to the
                         baseline config with a 95 % t interval, paired t-test and Wilcoxon
-                        signed-rank p-values, final loss, collapsed runs
+                        signed-rank p-values, final loss, collapsed runs (final loss within 1 %
+                        of ln(candidates per row)), runs where the trainer's collapse alarm fired
   WORKDIR/summary.json  every number in the table, per run
   WORKDIR/reweighters.png   per-seed P@1 (paired lines) and loss curves per config
 
@@ -42,6 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC = "precision@1"
+NOT_RUN = "not run"  # --summarize-only and the run has not finished
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +158,7 @@ class RunResult:
     final_loss: float = math.nan
     candidates: float = math.nan  # per row, for the collapse test
     collapsed: bool = False
+    alarm: bool = False  # the trainer's collapse alarm fired (a "collapse" record in metrics)
     losses: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     seconds: float = math.nan
@@ -218,6 +221,7 @@ def effective_candidates(records: Sequence[Mapping[str, Any]], candidates: float
 def run_one(
     *, recipe: Path, name: str, overrides: Sequence[str], seed: int, seed_keys: Sequence[str],
     common: Sequence[str], out: Path, threads: int, keep_models: bool,
+    summarize_only: bool = False,
 ) -> RunResult:
     """Train one (config, seed) unless an identical finished run is there; read its results."""
     all_overrides = [*common, *overrides]
@@ -228,6 +232,9 @@ def run_one(
     done = (out / "eval_after" / "results.json").is_file() and marker.is_file() and (
         json.loads(marker.read_text()).get("stamp") == stamp)
     result = RunResult(config=name, seed=seed, ok=False)
+    if not done and summarize_only:
+        result.error = NOT_RUN
+        return result
     if not done:
         if out.exists():  # an unfinished or different earlier run of this study: start over
             shutil.rmtree(out)
@@ -263,6 +270,7 @@ def run_one(
     result.candidates = effective_candidates(
         records, candidates_per_row(recipe, all_overrides), batch)
     result.collapsed = collapsed(result.final_loss, result.candidates)
+    result.alarm = any(r.get("collapse") for r in records)
     result.ok = True
     return result
 
@@ -292,7 +300,7 @@ def summarize(
     head = "| config | " + " | ".join(
         f"{labels[m]} mean ± std | per seed ({', '.join(map(str, seeds))})" for m in metrics)
     head += f" | Δ vs {baseline} (mean [95 % CI]) | paired t p | Wilcoxon p | wins/losses"
-    head += " | final loss | collapsed |"
+    head += " | final loss | collapsed | alarm |"
     lines.append(head)
     lines.append("|" + "---|" * (head.count("|") - 1))
     primary = metrics[0]
@@ -307,7 +315,9 @@ def summarize(
             mu, sd = mean_std(vals)
             cells.append(f"{_fmt(mu)} ± {_fmt(sd)}")
             cells.append(", ".join(
-                "failed" if r is None or not r.ok else _fmt(getattr(r, m)) for r in runs))
+                _fmt(getattr(r, m)) if r is not None and r.ok
+                else ("not run" if r is not None and r.error == NOT_RUN else "failed")
+                for r in runs))
             entry[m] = {"mean": mu, "std": sd}
         base = [by.get((baseline, s)) for s in seeds]
         diffs = [getattr(r, primary) - getattr(b, primary) for r, b in zip(runs, base, strict=True)
@@ -318,13 +328,17 @@ def summarize(
         else:
             st = paired_stats(diffs)
             entry["paired"] = asdict(st)
-            cells += [f"{st.mean:+.1f} [{st.ci_low:+.1f}, {st.ci_high:+.1f}]", _p(st.t_p),
+            ci = ("" if math.isnan(st.ci_low)
+                  else f" [{st.ci_low:+.1f}, {st.ci_high:+.1f}]")
+            cells += [f"{st.mean:+.1f}{ci}", _p(st.t_p),
                       _p(st.wilcoxon_p), f"{st.wins}/{st.losses}"]
         fl = mean_std([r.final_loss for r in ok])[0]
         n_coll = sum(r.collapsed for r in ok)
-        cells += [_fmt(fl, 3), f"{n_coll}/{len(ok)}" + (
-            f" ({len(runs) - len(ok)} failed)" if len(ok) < len(runs) else "")]
-        entry["final_loss"], entry["collapsed"] = fl, n_coll
+        n_alarm = sum(r.alarm for r in ok)
+        n_failed = sum(r is None or (not r.ok and r.error != NOT_RUN) for r in runs)
+        failed_note = f" ({n_failed} failed)" if n_failed else ""
+        cells += [_fmt(fl, 3), f"{n_coll}/{len(ok)}{failed_note}", f"{n_alarm}/{len(ok)}"]
+        entry["final_loss"], entry["collapsed"], entry["alarm"] = fl, n_coll, n_alarm
         summary["configs"][name] = entry
         lines.append("| " + " | ".join(cells) + " |")
     befores = sorted({round(r.before, 1) for r in results if r.ok and r.before is not None})
@@ -338,7 +352,8 @@ def summarize(
 def plot(results: Sequence[RunResult], configs: Sequence[str], seeds: Sequence[int],
          path: Path, *, title: str) -> None:
     """Panel 1: P@1 per seed, a line per seed across configs (pairing), the mean as a bar.
-    Then one panel per config: each seed's loss curve, and ln(candidates) dashed."""
+    Then one panel per config: each seed's loss (faint) with its moving mean, and
+    ln(candidates per row) dashed: a curve on that line has collapsed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,8 +378,7 @@ def plot(results: Sequence[RunResult], configs: Sequence[str], seeds: Sequence[i
     ax.set_xticks(range(len(configs)))
     ax.set_xticklabels(configs, rotation=40, ha="right", fontsize=7)
     ax.set_ylabel("P@1 strict (%)" if metric == "p1_strict" else "score")
-    finite = [m for m in means if not math.isnan(m)]
-    if finite:
+    if by:
         lo = min(getattr(r, metric) for r in by.values())
         ax.set_ylim(max(0.0, lo - 5), min(100.0, max(getattr(r, metric) for r in by.values()) + 5))
     ax.set_title("eval per seed (bar: mean)", fontsize=9)
@@ -376,7 +390,12 @@ def plot(results: Sequence[RunResult], configs: Sequence[str], seeds: Sequence[i
             r = by.get((c, s))
             if r is None:
                 continue
-            ax.plot(r.steps, r.losses, lw=0.7, color=colors[k % len(colors)], alpha=0.8)
+            color = colors[k % len(colors)]
+            ax.plot(r.steps, r.losses, lw=0.4, color=color, alpha=0.25)
+            w = max(1, len(r.losses) // 20)  # per-step losses are noisy: a moving mean on top
+            windows = [r.losses[max(0, i - w + 1):i + 1] for i in range(len(r.losses))]
+            smooth = [sum(win) / len(win) for win in windows]
+            ax.plot(r.steps, smooth, lw=1.0, color=color)
             refs.add(round(math.log(r.candidates), 3))
         for ref in refs:
             ax.axhline(ref, ls="--", color="k", lw=0.7)
@@ -423,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG path (default: WORKDIR/reweighters.png)")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="train nothing: tabulate and plot the runs already finished")
     parser.add_argument("--keep-models", action="store_true",
                         help="keep each run's model/ and checkpoints/ (deleted by default)")
     args = parser.parse_args(argv)
@@ -463,10 +484,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         r = run_one(recipe=recipe, name=name, overrides=overrides, seed=seed,
                     seed_keys=seed_keys, common=args.common,
                     out=workdir / _slug(name) / f"seed{seed}", threads=args.threads,
-                    keep_models=args.keep_models)
-        status = (f"P@1 {_fmt(r.score)} loss {_fmt(r.final_loss, 3)}"
-                  f"{' COLLAPSED' if r.collapsed else ''} ({_fmt(r.seconds, 0)} s)"
-                  if r.ok else f"FAILED {r.error.splitlines()[0] if r.error else ''}")
+                    keep_models=args.keep_models, summarize_only=args.summarize_only)
+        if r.ok:
+            status = (f"P@1 {_fmt(r.score)} loss {_fmt(r.final_loss, 3)}"
+                      f"{' COLLAPSED' if r.collapsed else ''} ({_fmt(r.seconds, 0)} s)")
+        else:
+            status = r.error if r.error == NOT_RUN else f"FAILED {r.error.splitlines()[0]}"
         print(f"[{time.perf_counter() - t0:7.0f} s] {name} seed {seed}: {status}", flush=True)
         return r
 
@@ -488,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n{len(run_seconds)} runs, {sum(run_seconds) / 60:.1f} min of run time, "
           f"{(time.perf_counter() - t0) / 60:.1f} min wall; table: {workdir / 'summary.md'}; "
           f"plot: {png}")
-    failed = [r for r in results if not r.ok]
+    failed = [r for r in results if not r.ok and r.error != NOT_RUN]
     for r in failed:
         print(f"FAILED {r.config} seed {r.seed}: {r.error}", file=sys.stderr)
     if failed:

@@ -132,7 +132,7 @@ def test_summary_table_pairs_by_seed_and_counts_collapses() -> None:
     lines = table.splitlines()
     assert lines[0].count("|") == lines[1].count("|")
     ega = next(line for line in lines if line.startswith("| ega "))
-    assert "+1.5" in ega and "52.0, 61.0" in ega and "1/2" in ega
+    assert "+1.5" in ega and "52.0, 61.0" in ega and "| 1/2 | 0/2 |" in ega
     llave = next(line for line in lines if line.startswith("| llave "))
     assert "failed, 59.0" in llave and "(1 failed)" in llave
     assert summary["configs"]["ega"]["paired"]["n"] == 2
@@ -244,3 +244,16 @@ def test_summary_json_is_serialisable() -> None:
                             p1_ties_hit=1.0, final_loss=1.0, candidates=4.0)]
     _, summary = rw.summarize(results, ["none"], [0], "none")
     json.dumps(summary, default=str)
+
+
+def test_plot_writes_a_png_with_missing_and_collapsed_runs(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    results = [
+        rw.RunResult(config=c, seed=s, ok=True, score=50.0 + s, p1_strict=50.0 + s,
+                     p1_ties_hit=51.0 + s, final_loss=1.0, candidates=64.0,
+                     steps=list(range(1, 41)), losses=[math.log(64)] * 40)
+        for c in ("none", "ega") for s in (0, 1)
+    ] + [rw.RunResult(config="llave", seed=0, ok=False, error=rw.NOT_RUN)]
+    path = tmp_path / "img" / "study.png"
+    rw.plot(results, ["none", "ega", "llave"], [0, 1], path, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
