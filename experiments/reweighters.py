@@ -287,6 +287,30 @@ def _p(x: float) -> str:
     return "—" if math.isnan(x) else (f"{x:.3f}" if x >= 0.001 else "<0.001")
 
 
+def compare_table(results: Sequence[RunResult], pairs: Sequence[tuple[str, str]],
+                  seeds: Sequence[int]) -> tuple[str, dict[str, Any]]:
+    """Paired differences ``A − B`` for chosen pairs of configs (e.g. with and without a mask),
+    on strict P@1 when the task reports it, else the primary metric."""
+    by = {(r.config, r.seed): r for r in results if r.ok}
+    metric = "p1_strict" if any(r.p1_strict is not None for r in by.values()) else "score"
+    lines = ["| A − B | Δ mean [95 % CI] | per seed | paired t p | Wilcoxon p | wins/losses |",
+             "|---|---|---|---|---|---|"]
+    out: dict[str, Any] = {}
+    for a, b in pairs:
+        diffs = [getattr(by[(a, s)], metric) - getattr(by[(b, s)], metric)
+                 for s in seeds if (a, s) in by and (b, s) in by]
+        if not diffs:
+            lines.append(f"| {a} − {b} | — | — | — | — | — |")
+            continue
+        st = paired_stats(diffs)
+        out[f"{a} - {b}"] = asdict(st) | {"diffs": diffs}
+        ci = "" if math.isnan(st.ci_low) else f" [{st.ci_low:+.1f}, {st.ci_high:+.1f}]"
+        lines.append(f"| {a} − {b} | {st.mean:+.1f}{ci} | "
+                     f"{', '.join(f'{d:+.1f}' for d in diffs)} | {_p(st.t_p)} | "
+                     f"{_p(st.wilcoxon_p)} | {st.wins}/{st.losses} |")
+    return "\n".join(lines), out
+
+
 def summarize(
     results: Sequence[RunResult], configs: Sequence[str], seeds: Sequence[int], baseline: str,
 ) -> tuple[str, dict[str, Any]]:
@@ -433,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--baseline", default=None,
                         help="config the others are compared with (default: 'none' if given, "
                              "else the first)")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="A:B",
+                        help="extra paired comparisons A − B beside the baseline's (e.g. "
+                             "ega:ega_nomask), in a second table")
     parser.add_argument("--set", dest="common", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every config (e.g. train.steps=100)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
@@ -454,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(set(names)) != len(names):
         parser.error(f"config names repeat: {names}")
     baseline = args.baseline or ("none" if "none" in names else names[0])
+    pairs = [tuple(p.split(":", 1)) for p in args.compare]
+    for pair in pairs:
+        if len(pair) != 2 or not set(pair) <= set(names):
+            parser.error(f"--compare {':'.join(pair)}: expected A:B with A and B in {names}")
     if baseline not in names:
         parser.error(f"--baseline {baseline!r} is not one of {names}")
     workdir = (args.workdir or ROOT / "runs" / "experiments" / recipe.stem).resolve()
@@ -496,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(work, jobs))
     table, summary = summarize(results, names, args.seeds, baseline)
+    if pairs:
+        extra, summary["compare"] = compare_table(results, pairs, args.seeds)
+        table += "\n\n" + extra
     cmd = "python experiments/reweighters.py " + " ".join(
         f'"{a}"' if (" " in a or "," in a) else a for a in (argv or sys.argv[1:]))
     run_seconds = [r.seconds for r in results if r.ok and not math.isnan(r.seconds)]

@@ -257,3 +257,13 @@ def test_plot_writes_a_png_with_missing_and_collapsed_runs(tmp_path: Path) -> No
     path = tmp_path / "img" / "study.png"
     rw.plot(results, ["none", "ega", "llave"], [0, 1], path, title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_table_pairs_chosen_configs() -> None:
+    pytest.importorskip("scipy")
+    results = [rw.RunResult(config=c, seed=s, ok=True, score=v, p1_strict=v, p1_ties_hit=v)
+               for c, s, v in [("ega", 0, 60.0), ("ega", 1, 70.0), ("ega_nomask", 0, 20.0),
+                               ("ega_nomask", 1, 25.0)]]
+    table, out = rw.compare_table(results, [("ega", "ega_nomask")], [0, 1])
+    assert out["ega - ega_nomask"]["diffs"] == [40.0, 45.0]
+    assert "+42.5" in table and "+40.0, +45.0" in table
