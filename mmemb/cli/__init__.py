@@ -31,8 +31,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "mine": ("mmemb.cli.mine", "Mine hard negatives for shards with an embedding model."),
     "train": ("mmemb.cli.train", "Train an embedding model from a recipe."),
     "eval": ("mmemb.cli.eval", "Evaluate an embedding model (MMEB protocol, retrieval)."),
-    "export": ("mmemb.cli.export", "Export a trained model as a Hugging Face directory."),
-    "encode": ("mmemb.cli.encode", "Embed jsonl inputs into a .npy file."),
+    "export": ("mmemb.cli.export", "Export a model (Hugging Face or sentence-transformers)."),
+    "encode": ("mmemb.cli.encode", "Embed jsonl inputs into a .npy or .parquet file."),
     "validate": ("mmemb.cli.validate", "Check a recipe: build everything and run one step."),
     "plugins": ("mmemb.cli.plugins", "List registered plugins and components."),
 }
@@ -90,11 +90,12 @@ def cli(ctx: click.Context, traceback: bool, threads: int | None) -> None:
     """mmemb: train universal multimodal embedding models.
 
     \b
-    The pipeline:
+    The pipeline, on the offline quickstart's data and model:
       mmemb prepare --source synthetic --arg n=2000 --out data/train
-      mmemb train recipes/quickstart.yaml train.steps=100
-      mmemb eval --model runs/quickstart/model --data data/eval
+      mmemb train recipes/quickstart.yaml     # prepares data/quickstart, trains, evaluates
+      mmemb eval --model runs/quickstart/model --data data/quickstart/eval --out results/qs
       mmemb export --model runs/quickstart/model --out exported/
+      mmemb encode --model exported/ --input items.jsonl --out emb.parquet
     """
     ctx.ensure_object(dict)
     ctx.obj["traceback"] = traceback

@@ -45,7 +45,7 @@ def command(
     """Embed jsonl items with a trained encoder.
 
     \b
-    Example:
+    Examples:
       echo '{"text": "a red circle above a blue square"}' | \\
         mmemb encode --model runs/quickstart/model --out emb.npy
       mmemb encode --model all-MiniLM-L6-v2/ --input docs.jsonl --out emb.parquet

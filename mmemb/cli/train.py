@@ -98,7 +98,8 @@ def command(recipe: str, overrides: tuple[str, ...], resume: str | None, overwri
     \b
     Examples:
       mmemb train recipes/quickstart.yaml
-      mmemb train recipes/quickstart.yaml train.steps=50 loss.reweighter.alpha=2
+      mmemb train recipes/quickstart.yaml train.steps=50 loss.reweighter.alpha=2 \\
+        output_dir=runs/alpha2
       mmemb train recipes/quickstart.yaml --resume auto
       mmemb train recipes/llava_ov_7b.yaml --help-recipe
       torchrun --nproc-per-node 8 -m mmemb train recipes/llava_ov_7b.yaml --resume auto
