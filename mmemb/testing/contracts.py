@@ -53,6 +53,11 @@ __all__ = [
 ]
 
 
+def _prefixed(text: str) -> Callable[[str], str]:
+    """An ``assert_close`` message: `text`, then torch's own account of the mismatch."""
+    return lambda message: f"{text}: {message}"
+
+
 def loss_implementations(tile_sizes: Sequence[int] = (1, 3, 7, 64)) -> dict[str, DirectionalLoss]:
     """Every registered loss component, built once per tile size when it takes one."""
     out: dict[str, DirectionalLoss] = {}
@@ -142,14 +147,14 @@ def check_reweighter(
                         scale = max(float(r.abs().max()), 1.0)
                         torch.testing.assert_close(
                             g, r, rtol=rtol, atol=rtol * scale,
-                            msg=lambda s, name=name, label=label, where=where:
-                            f"{reweighter!r}: {name} differs from the full matrix in {label} "
-                            f"at {where}: {s}",
+                            msg=_prefixed(f"{reweighter!r}: {name} differs from the full "
+                                          f"matrix in {label} at {where}"),
                         )
         if neutral is not None:
-            a = _run(q, c, t, neutral, None, symmetric=False, keys=None, tau=temperature)
-            p = _run(q, c, t, plain, None, symmetric=False, keys=None, tau=temperature)
-            for label, x, y in zip(("loss", "dq", "dc"), a, p, strict=True):
+            got_neutral = _run(q, c, t, neutral, None, symmetric=False, keys=None,
+                               tau=temperature)
+            got_plain = _run(q, c, t, plain, None, symmetric=False, keys=None, tau=temperature)
+            for label, x, y in zip(("loss", "dq", "dc"), got_neutral, got_plain, strict=True):
                 torch.testing.assert_close(
                     x, y, rtol=rtol, atol=1e-12,
                     msg=f"{neutral!r} (the no-op setting) is not plain InfoNCE in {label}",
@@ -251,7 +256,7 @@ def _assert_rows_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]
         )
         scale = max(float(w.abs().max()) if w.numel() else 0.0, 1.0)
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol * scale,
-                                   msg=lambda m, i=i: f"{what}: row {i}: {m}")
+                                   msg=_prefixed(f"{what}: row {i}"))
 
 
 def check_processor(backbone: Backbone, batches: Batches,
@@ -435,7 +440,7 @@ def check_uniform_forward(backbone: Backbone, batches: Batches, *,
             assert torch.equal(out.attention_mask, plain.attention_mask), f"{where}: mask differs"
             torch.testing.assert_close(out.hidden_states.detach(), plain.hidden_states,
                                        rtol=0, atol=0, equal_nan=True,
-                                       msg=lambda m, where=where: f"{where}: {m}")
+                                       msg=_prefixed(where))
 
 
 def check_save_load(backbone: Backbone, batches: Batches,
@@ -460,7 +465,7 @@ def check_save_load(backbone: Backbone, batches: Batches,
             y = _forward(again, a)
             assert torch.equal(x.attention_mask, y.attention_mask)
             torch.testing.assert_close(y.hidden_states, x.hidden_states, rtol=0, atol=0,
-                                       equal_nan=True, msg=lambda m: f"reloaded backbone: {m}")
+                                       equal_nan=True, msg=_prefixed("reloaded backbone"))
 
 
 def check_backbone(
@@ -524,7 +529,7 @@ def check_pooler(pooler: Pooler, *, hidden_size: int = 8, seed: int = 0) -> None
         h.requires_grad_()
         out = pooler(h, mask)
         torch.testing.assert_close(out, alone, rtol=1e-6, atol=1e-6,
-                                   msg=lambda m, side=side: f"{side}-padded rows vs alone: {m}")
+                                   msg=_prefixed(f"{side}-padded rows vs alone"))
         out.float().sum().backward()
         assert h.grad is not None and bool(torch.isfinite(h.grad).all()), (
             f"{side}-padded: the gradient is not finite (a padded position was read)"
