@@ -16,7 +16,6 @@ The file appears only when complete (written to a temporary name, then renamed).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -28,6 +27,7 @@ from mmemb.batching import encode_sorted
 from mmemb.data.schema import Item
 from mmemb.encoder_io import ModelSource, load_encoder
 from mmemb.errors import DataError
+from mmemb.fileio import atomic_path
 from mmemb.model import Side
 
 FORMATS = (".npy", ".parquet")
@@ -163,22 +163,19 @@ def encode_items(
     check_format(out_path)  # before the (slow) model load
     encoder = load_encoder(model_dir)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = open_writer(out_path, tmp, encoder.backbone.hidden_size)
     n = 0
-    items = read_items(lines, source=source, image_root=image_root)
-    try:
-        while window := list(islice(items, batch_size * sort_window)):
-            ids = [i for i, _ in window]
-            emb = encode_sorted(encoder, [it for _, it in window], side=side,
-                                batch_size=batch_size)
-            writer.write(ids, emb.numpy().astype(np.float32))
-            n += len(window)
-        writer.close()
-        tmp.replace(out_path)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out_path) as tmp:
+        writer = open_writer(out_path, tmp, encoder.backbone.hidden_size)
+        items = read_items(lines, source=source, image_root=image_root)
+        try:
+            while window := list(islice(items, batch_size * sort_window)):
+                ids = [i for i, _ in window]
+                emb = encode_sorted(encoder, [it for _, it in window], side=side,
+                                    batch_size=batch_size)
+                writer.write(ids, emb.numpy().astype(np.float32))
+                n += len(window)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     return n

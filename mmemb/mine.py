@@ -38,6 +38,7 @@ from mmemb.encoder_io import load_encoder
 from mmemb.errors import ConfigError, DataError, MmembError
 from mmemb.eval.encoding import item_key
 from mmemb.eval.metrics import topk_search
+from mmemb.fileio import replace_dir
 from mmemb.model import Encoder, Side
 from mmemb.progress import Progress
 
@@ -248,9 +249,7 @@ def mine(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_dir(staging, out)
     return report
 
 

@@ -46,6 +46,7 @@ from mmemb.data.schema import Item, Sample
 from mmemb.data.shards import MANIFEST_NAME, REJECTS_NAME, ShardWriter, write_json_atomic
 from mmemb.data.sources import Reject, Source
 from mmemb.errors import DataError
+from mmemb.fileio import replace_dir
 
 ProgressFn = Callable[[int, int, int], None]
 """Called as ``progress(read, written, rejected)`` after every row."""
@@ -441,17 +442,12 @@ def _stops_deferred() -> Iterator[None]:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move the finished staging directory to `out`, replacing an old output if there is one."""
-    old: Path | None = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        else:
-            out.rmdir()
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the finished staging directory to `out`, replacing an old output if there is one.
+
+    Only the final swap is the shared `replace_dir`; the staging directory itself is not a plain
+    temporary name: it is claimed under a lock (`_claim_staging`), because a concurrent or
+    killed prepare into the same `out` must be told apart from a live one."""
+    replace_dir(staging, out, old=out.with_name(f".{out.name}.old-{os.getpid()}"))
 
 
 def prepare(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from mmemb.eval.encoding import EncodedDataset
+from mmemb.fileio import replace_dir
 
 CACHE_FORMAT = 1
 """Bumped when the layout of an entry or the meaning of a fingerprint changes."""
@@ -190,9 +190,7 @@ class EmbeddingCache:
                 **(dict(extra) if extra else {}),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            if final.exists():  # a stale or damaged entry with the same keys
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # over a stale or damaged entry with the same keys
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

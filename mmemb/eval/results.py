@@ -20,6 +20,7 @@ from mmemb.errors import DataError
 from mmemb.eval.mmeb_groups import GroupScore
 from mmemb.eval.report import Reference, to_markdown
 from mmemb.eval.task import DatasetResult
+from mmemb.fileio import atomic_write_text
 
 __all__ = ["RESULTS_FORMAT", "RESULTS_VERSION", "EvalResults", "Reference"]
 
@@ -143,8 +144,8 @@ class EvalResults:
         directory = Path(out)
         directory.mkdir(parents=True, exist_ok=True)
         json_path, md_path = directory / "results.json", directory / "results.md"
-        _write_atomic(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        _write_atomic(md_path, self.to_markdown())
+        atomic_write_text(json_path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(md_path, self.to_markdown())
         return json_path, md_path
 
     @classmethod
@@ -172,8 +173,3 @@ class EvalResults:
 def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

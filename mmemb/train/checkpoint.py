@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from mmemb.distributed import DistEnv, barrier
 from mmemb.errors import MmembError
+from mmemb.fileio import remove_dir, replace_dir
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -84,11 +85,7 @@ def read_state(path: Path) -> dict[str, Any]:
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint: renamed out of the ``step-…`` namespace first (atomic), so a deletion
     cut short never leaves a partial directory that looks like a checkpoint."""
-    trash = path.with_name(f".trash-{path.name}")
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
-    path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_dir(path, trash=path.with_name(f".trash-{path.name}"))
 
 
 def _fsync_tree(path: Path) -> None:
@@ -185,14 +182,9 @@ def save_checkpoint(
                      **trainer_state}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks it whole
             _fsync_tree(tmp)
-            if final.exists():  # the same step saved again: swap, never a moment without one
-                old = final.with_name(f".trash-{final.name}")
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(final)
+            # the same step saved again: swapped, never a moment without one; the old one is
+            # renamed to a .trash- name, which the stale-directory sweep above also removes
+            replace_dir(tmp, final, old=final.with_name(f".trash-{final.name}"))
             _fsync_dir(root)
     except Exception as exc:  # noqa: BLE001
         error = exc

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from mmemb.errors import MmembError
+from mmemb.fileio import atomic_write_text
 from mmemb.recipe import LoadedRecipe, Recipe
 from mmemb.train import checkpoint as ckpt
 
@@ -138,9 +139,7 @@ def read_run(out_dir: Path) -> dict[str, Any] | None:
 
 
 def write_run(out_dir: Path, doc: dict[str, Any]) -> None:
-    tmp = out_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(out_dir / RUN_FILE)
+    atomic_write_text(out_dir / RUN_FILE, json.dumps(doc, indent=2) + "\n")
 
 
 def mark_finished(out_dir: Path, step: int) -> None:

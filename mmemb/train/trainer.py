@@ -33,6 +33,7 @@ from mmemb.distributed import (
 )
 from mmemb.encoder_io import save_encoder
 from mmemb.errors import MmembError
+from mmemb.fileio import replace_dir
 from mmemb.loss import ContrastiveLoss, build_loss
 from mmemb.model import Encoder
 from mmemb.progress import Progress
@@ -440,14 +441,7 @@ class _Run:
         shutil.rmtree(staging, ignore_errors=True)
         save_encoder(encoder, staging, backbone=backbone_spec(self.loaded),
                      pooler=self.r.model.pooler)
-        if final.exists():
-            old = self.out_dir / ".old-model"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(final)
+        replace_dir(staging, final, old=self.out_dir / ".old-model")
         return final
 
     def _finish(

@@ -13,6 +13,7 @@ import torch
 from mmemb.data.schema import Item
 from mmemb.errors import MmembError
 from mmemb.export import accepted_probe_items, reads_images
+from mmemb.fileio import replace_dir
 from mmemb.model import Encoder
 
 
@@ -112,7 +113,5 @@ def publish(tmp: Path, out: Path) -> Path:
         for f in files:
             os.chmod(os.path.join(root, f), 0o644)
     os.chmod(tmp, 0o755)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out

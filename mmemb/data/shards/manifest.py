@@ -12,6 +12,7 @@ from typing import Any
 from mmemb import __version__
 from mmemb.data.schema import SCHEMA_VERSION
 from mmemb.errors import DataError
+from mmemb.fileio import atomic_write_json
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -22,14 +23,9 @@ PathLike = str | os.PathLike[str]
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON to `path` through a temporary file and a rename: readers never see half a file.
+    (`mmemb.fileio.atomic_write_json`, under the name the shard code has always used.)"""
+    atomic_write_json(path, obj)
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
