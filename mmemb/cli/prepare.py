@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
 
 from mmemb.cli.options import parse_key_values
 from mmemb.errors import DataError
+from mmemb.progress import Progress
 
 EPILOG_HEADER = "Sources (--source NAME; extra arguments with --arg KEY=VALUE):"
 
@@ -99,39 +98,25 @@ class _PrepareCommand(click.Command):
         )
 
 
+def _rows_line(bar: Progress) -> str:
+    return (f"prepare: read {bar.done} written {bar.fields.get('written', 0)} rejected "
+            f"{bar.fields.get('rejected', 0)} ({bar.rate:.0f} rows/s)")
+
+
 class _Reporter:
-    """Progress: a bar on a terminal, a plain line every `every` rows otherwise."""
+    """prepare's `progress(read, written, rejected)` callback on the shared `Progress`: a bar on a
+    terminal, a plain line every `every` rows otherwise."""
 
     def __init__(self, total: int | None, every: int) -> None:
-        self.total = total
-        self.every = max(1, every)
-        self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
-        self.bar: Any = None
-        self.last_draw = 0.0
-        if self.tty and total:
-            self.bar = click.progressbar(length=total, label="prepare", file=sys.stderr)
-            self.bar.__enter__()
+        # no plain line at the end: the report printed after it says the same
+        self.bar = Progress(total, desc="prepare", log_every=every, line=_rows_line,
+                            end_line=False)
 
     def __call__(self, read: int, written: int, rejected: int) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            return
-        rate = read / max(1e-9, time.perf_counter() - self.start)
-        line = f"prepare: read {read} written {written} rejected {rejected} ({rate:.0f} rows/s)"
-        if self.tty:
-            now = time.perf_counter()
-            if now - self.last_draw > 0.2:
-                self.last_draw = now
-                click.echo("\r" + line + "\033[K", nl=False, err=True)
-        elif read % self.every == 0:
-            click.echo(line, err=True)
+        self.bar.update(read - self.bar.done, written=written, rejected=rejected)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-        elif self.tty:
-            click.echo("", err=True)
+        self.bar.close()
 
 
 def _command_line(ctx: click.Context) -> str:
