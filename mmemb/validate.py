@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mmemb import hub, plugins
+from mmemb.data.prepare import is_prepared
 from mmemb.errors import ConfigError
 from mmemb.recipe import LoadedRecipe, RecipeCheck, check_recipe
 from mmemb.threads import use_recipe_threads
@@ -93,7 +94,7 @@ def _small_copy(loaded: LoadedRecipe, tmp: Path) -> LoadedRecipe:
     train_entries = []
     for i, entry in enumerate(loaded.recipe.data.train):
         e = entry.model_dump()
-        if not (Path(loaded.resolve_path(entry.shards)) / "manifest.json").is_file():
+        if not is_prepared(loaded.resolve_path(entry.shards)):
             e["shards"] = str(tmp / f"train{i}")
             e["limit"] = need
         else:

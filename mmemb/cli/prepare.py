@@ -141,38 +141,26 @@ def _command_line(ctx: click.Context) -> str:
 
 def _prepare_recipe(recipe: str, overwrite: bool, on_error: str, every: int,
                     workers: int) -> None:
-    from mmemb.data.prepare import prepare
-    from mmemb.recipe import load_recipe
+    from mmemb.data.prepare import prepare_recipe_data
+    from mmemb.recipe import DataEntry, load_recipe
 
     loaded = load_recipe(recipe, check_components=False)
-    entries = [*loaded.recipe.data.train, *loaded.recipe.data.eval]
-    todo = [e for e in entries if e.source is not None]
-    if not todo:
-        raise DataError(f"{recipe}: no data entry names a `source:` to prepare.")
-    for entry in todo:
-        out = Path(loaded.resolve_path(entry.shards))
-        if (out / "manifest.json").is_file() and not overwrite:
-            click.echo(f"{out}: already prepared (use --overwrite to redo)")
-            continue
-        assert entry.source is not None
+    command_line = f"mmemb prepare --recipe {shlex.quote(recipe)}"
+
+    @contextmanager
+    def around(entry: DataEntry, out: Path) -> Iterator[_Reporter]:
         reporter = _Reporter(entry.limit, every)
-        command_line = f"mmemb prepare --recipe {shlex.quote(recipe)}"
         try:
             with _stops_cleanly(out, command_line):
-                report = prepare(
-                    entry.source,
-                    entry.args,
-                    out,
-                    limit=entry.limit,
-                    overwrite=overwrite,
-                    on_error=on_error,  # type: ignore[arg-type]
-                    command=command_line,
-                    progress=reporter,
-                    workers=workers,
-                )
+                yield reporter
         finally:
             reporter.close()
-        click.echo(str(report))
+
+    prepare_recipe_data(
+        loaded, command=command_line, overwrite=overwrite,
+        on_error=on_error,  # type: ignore[arg-type]
+        workers=workers, missing_source="skip", echo=click.echo, around=around,
+    )
 
 
 @click.command("prepare", cls=_PrepareCommand)

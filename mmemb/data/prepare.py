@@ -33,12 +33,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from mmemb import plugins
 from mmemb.data.images import ImageError, normalize_image
@@ -47,6 +47,9 @@ from mmemb.data.shards import MANIFEST_NAME, REJECTS_NAME, ShardWriter, write_js
 from mmemb.data.sources import Reject, Source
 from mmemb.errors import DataError
 from mmemb.fileio import replace_dir
+
+if TYPE_CHECKING:
+    from mmemb.recipe import DataEntry, LoadedRecipe
 
 ProgressFn = Callable[[int, int, int], None]
 """Called as ``progress(read, written, rejected)`` after every row."""
@@ -599,3 +602,62 @@ def prepare(
         rejects_path=(out / REJECTS_NAME) if rejected else None,
         notes=notes,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# a recipe's datasets
+
+
+def is_prepared(shards: str | Path) -> bool:
+    """Whether `shards` holds a finished prepare (its manifest is written last, on publishing)."""
+    return (Path(shards) / MANIFEST_NAME).is_file()
+
+
+def prepare_recipe_data(
+    loaded: LoadedRecipe,
+    *,
+    command: str,
+    overwrite: bool = False,
+    on_error: Literal["fail", "skip"] = "fail",
+    workers: int = 1,
+    missing_source: Literal["error", "skip"] = "error",
+    echo: Callable[[str], None] = print,
+    around: Callable[[DataEntry, Path], AbstractContextManager[ProgressFn | None]] | None = None,
+) -> list[PrepareReport]:
+    """Prepare the recipe's datasets (train, then eval) that are not prepared yet -- every one
+    that has a `source:` when `overwrite` -- and return their reports. The one loop behind
+    `mmemb train` (missing data is prepared first), `mmemb prepare --recipe` and, through
+    `train`, `mmemb validate`.
+
+    - `missing_source`: a dataset whose shards are missing and that names no `source:` is an
+      error (``"error"``: training needs it) or left alone (``"skip"``: `prepare --recipe` makes
+      what it can; it is an error only when no dataset names a source at all).
+    - `around(entry, out)`: a context entered around each dataset's prepare; what it yields is
+      passed as `prepare`'s `progress`.
+    """
+    entries = [*loaded.recipe.data.train, *loaded.recipe.data.eval]
+    if missing_source == "skip":
+        entries = [e for e in entries if e.source is not None]
+        if not entries:
+            raise DataError(f"{loaded.path}: no data entry names a `source:` to prepare.")
+    reports = []
+    for entry in entries:
+        out = Path(loaded.resolve_path(entry.shards))
+        if is_prepared(out) and not overwrite:
+            if missing_source == "skip":
+                echo(f"{out}: already prepared (use --overwrite to redo)")
+            continue
+        if entry.source is None:
+            raise DataError(
+                f"{loaded.path}: data shards {entry.shards!r} do not exist and no `source:` "
+                "says how to make them. Run `mmemb prepare` first."
+            )
+        echo(f"preparing {out} from source '{entry.source}'")
+        with around(entry, out) if around is not None else nullcontext() as progress:
+            report = prepare(
+                entry.source, entry.args, out, limit=entry.limit, overwrite=overwrite,
+                on_error=on_error, command=command, progress=progress, workers=workers,
+            )
+        echo(str(report))
+        reports.append(report)
+    return reports

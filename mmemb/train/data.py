@@ -22,26 +22,12 @@ def shard_dir(loaded: LoadedRecipe, entry: DataEntry) -> Path:
 
 def ensure_prepared(loaded: LoadedRecipe, env: DistEnv, *, echo: Callable[[str], None] = print
                     ) -> None:
-    """Prepare every listed dataset that has a `source` and no shards yet (rank 0 only)."""
-    from mmemb.data.prepare import prepare
+    """Prepare every listed dataset that has a `source` and no shards yet (rank 0 only; a
+    missing dataset without a source is an error), then wait for it on every rank."""
+    from mmemb.data.prepare import prepare_recipe_data
 
-    entries = [*loaded.recipe.data.train, *loaded.recipe.data.eval]
     if env.is_main:
-        for entry in entries:
-            out = shard_dir(loaded, entry)
-            if (out / "manifest.json").is_file():
-                continue
-            if entry.source is None:
-                raise DataError(
-                    f"{loaded.path}: data shards {entry.shards!r} do not exist and no `source:` "
-                    "says how to make them. Run `mmemb prepare` first."
-                )
-            echo(f"preparing {out} from source '{entry.source}'")
-            report = prepare(
-                entry.source, entry.args, out, limit=entry.limit,
-                command=f"mmemb train {loaded.path}",
-            )
-            echo(str(report))
+        prepare_recipe_data(loaded, command=f"mmemb train {loaded.path}", echo=echo)
     barrier()
 
 
