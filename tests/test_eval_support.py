@@ -33,8 +33,13 @@ QUERY_TOKEN, TARGET_TOKEN, PAD = N_BYTES + N_IMAGE, N_BYTES + N_IMAGE + 1, N_BYT
 VOCAB = PAD + 1
 
 
-class ByteProcessor(InputProcessor):
-    """Items -> token ids: side marker, instruction bytes, 8 image-digest tokens, text bytes."""
+class DigestTokenProcessor(InputProcessor):
+    """Items -> token ids: side marker, instruction bytes, 8 image-digest tokens, text bytes.
+
+    Not `mmemb.data.testing.ByteProcessor`: that one decodes images to pixel values, which
+    `ByteBackbone` (token embeddings only) would ignore. Here an image becomes tokens of its
+    digest, so two different images give different embeddings and the eval tests can rank them;
+    rows are padded to the longest, not to a fixed length."""
 
     def __init__(self, max_len: int = 48) -> None:
         self.max_len = max_len
@@ -69,7 +74,7 @@ class ByteBackbone(Backbone):
     def __init__(self, dim: int = 16, seed: int = 0, max_len: int = 48) -> None:
         super().__init__()
         self.dim, self.seed = dim, seed
-        self._processor = ByteProcessor(max_len)
+        self._processor = DigestTokenProcessor(max_len)
         gen = torch.Generator().manual_seed(seed)
         self.embed = nn.Embedding(VOCAB, dim)
         self.proj = nn.Linear(dim, dim)
