@@ -36,7 +36,7 @@ from mmemb.batching import encode_sorted
 from mmemb.data.schema import Item, Sample
 from mmemb.encoder_io import load_encoder
 from mmemb.errors import ConfigError, DataError, MmembError
-from mmemb.eval.encoding import item_key
+from mmemb.eval.dataset_embeddings import item_key
 from mmemb.eval.metrics import topk_search
 from mmemb.fileio import replace_dir
 from mmemb.model import Encoder, Side
@@ -272,7 +272,7 @@ def _warnings(dataset: str, stats: MiningStats, need: int, on_short: str) -> Ite
 def _read_corpus(path: str | Path) -> list[Item]:
     """Items of an external corpus: a jsonl file of items, or a shard directory's candidates."""
     from mmemb.data.shards import iter_samples
-    from mmemb.encode import read_items
+    from mmemb.embed_file import read_items
 
     p = Path(path)
     if p.is_dir():

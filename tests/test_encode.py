@@ -10,7 +10,7 @@ import pytest
 
 from mmemb import plugins
 from mmemb.data.schema import Item
-from mmemb.encode import encode_items
+from mmemb.embed_file import encode_items
 from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import DataError
 from mmemb.model import Encoder

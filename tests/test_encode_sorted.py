@@ -15,9 +15,9 @@ import torch
 from mmemb import plugins
 from mmemb.batching import encode_sorted, length_order
 from mmemb.data.schema import Item, Sample
-from mmemb.encode import encode_items
+from mmemb.embed_file import encode_items
 from mmemb.encoder_io import save_encoder
-from mmemb.eval.encoding import DatasetCollector, make_encode_fn
+from mmemb.eval.dataset_embeddings import DatasetCollector, make_encode_fn
 from mmemb.model import Encoder, Side
 from mmemb.testing.tiny import caption_corpus, make_tiny_text_model
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_eval_support import EVAL_PLUGINS
-
-from mmemb.errors import ConfigError, DataError
-from mmemb.eval.mmeb_groups import (
+from mmemb_eval.mmeb_table import (
     GROUPS,
     IND_DATASETS,
     META_TASKS,
@@ -18,6 +15,9 @@ from mmemb.eval.mmeb_groups import (
     mmeb_groups,
     split_of,
 )
+from test_eval_support import EVAL_PLUGINS
+
+from mmemb.errors import ConfigError, DataError
 from mmemb.eval.report import compare, known_names, parse_references
 from mmemb.eval.results import EvalResults
 from mmemb.eval.task import DatasetResult

@@ -52,7 +52,7 @@ def command(
       mmemb encode --model intfloat/e5-small-v2 --backbone hf_text --pooler mean \\
         --model-arg "query_instruction='query: '" --input q.jsonl --out q.npy
     """
-    from mmemb.encode import encode_items
+    from mmemb.embed_file import encode_items
     from mmemb.model import Side
 
     model_dir = model_source(model, backbone, pooler, model_args)

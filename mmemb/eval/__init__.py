@@ -6,15 +6,16 @@
     >>> print(res.to_markdown())
 
 Modules: `runner` (evaluate, evaluate_path), `inputs` (eval data -> one job per dataset; the
-model argument), `encoding` (dedup + sharded encoding), `cache`
-(fingerprints, on-disk cache), `metrics` (P@1, top-k, Recall/MRR/NDCG), `mmeb_groups` (the 36
-datasets, meta-tasks, IND/OOD), `results` (EvalResults), `report` (markdown, references, compare),
-`task` (the protocol eval-task plugins implement). The tasks themselves (``mmeb``, ``retrieval``)
-are plugins in the ``eval_task`` registry.
+model argument), `dataset_embeddings` (dedup + sharded encoding), `cache` (fingerprints, on-disk
+cache), `metrics` (P@1, top-k, Recall/MRR/NDCG), `groups` (averages over groups of datasets),
+`results` (EvalResults), `report` (markdown, references, compare), `task` (the protocol eval-task
+plugins implement). The tasks themselves (``mmeb``, ``retrieval``) are plugins in the
+``eval_task`` registry; the MMEB table (36 datasets, meta-tasks, IND/OOD) is
+``mmemb_eval.mmeb_table``.
 """
 
-from mmemb.eval.encoding import EncodedDataset
-from mmemb.eval.mmeb_groups import GroupScore
+from mmemb.eval.dataset_embeddings import EncodedDataset
+from mmemb.eval.groups import GroupScore
 from mmemb.eval.report import compare, load_references
 from mmemb.eval.results import EvalResults, Reference
 from mmemb.eval.runner import evaluate, evaluate_path

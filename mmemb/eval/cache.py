@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmemb.eval.encoding import EncodedDataset
+from mmemb.eval.dataset_embeddings import EncodedDataset
 from mmemb.fileio import replace_dir
 
 CACHE_FORMAT = 1

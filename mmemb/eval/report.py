@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmemb.errors import ConfigError, DataError, closest
-from mmemb.eval.mmeb_groups import GroupScore
+from mmemb.eval.groups import GroupScore
 
 if TYPE_CHECKING:  # a type only: `results` imports this module to render itself
     from mmemb.eval.results import EvalResults

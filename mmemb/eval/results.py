@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmemb.errors import DataError
-from mmemb.eval.mmeb_groups import GroupScore
+from mmemb.eval.groups import GroupScore
 from mmemb.eval.report import Reference, to_markdown
 from mmemb.eval.task import DatasetResult
 from mmemb.fileio import atomic_write_text

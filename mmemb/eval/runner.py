@@ -40,7 +40,7 @@ from mmemb.distributed import (
 from mmemb.encoder_io import ModelSource
 from mmemb.errors import ConfigError, DataError, PluginError
 from mmemb.eval.cache import EmbeddingCache, encoder_fingerprint
-from mmemb.eval.encoding import DatasetCollector, EncodedDataset, make_encode_fn
+from mmemb.eval.dataset_embeddings import DatasetCollector, EncodedDataset, make_encode_fn
 from mmemb.eval.inputs import DataArg, DatasetJob, dataset_jobs, resolve_model_dir
 from mmemb.eval.results import EvalResults
 from mmemb.eval.task import DatasetResult, EvalTask

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from mmemb.eval.encoding import EncodedDataset
-from mmemb.eval.mmeb_groups import GroupScore
+from mmemb.eval.dataset_embeddings import EncodedDataset
+from mmemb.eval.groups import GroupScore
 
 
 @dataclass

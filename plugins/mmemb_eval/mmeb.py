@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmemb.eval.encoding import EncodedDataset
+from mmemb.eval.dataset_embeddings import EncodedDataset
 from mmemb.eval.metrics import candidate_list_scores, precision_at_1
-from mmemb.eval.mmeb_groups import META_TASK_OF, canonical_dataset, mmeb_groups, split_of
 from mmemb.eval.task import DatasetResult, Summary
+from mmemb_eval.mmeb_table import META_TASK_OF, canonical_dataset, mmeb_groups, split_of
 
 METRIC = "precision@1"
 

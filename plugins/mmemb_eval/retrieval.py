@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mmemb.eval.encoding import EncodedDataset
+from mmemb.eval.dataset_embeddings import EncodedDataset
+from mmemb.eval.groups import mean_group
 from mmemb.eval.metrics import retrieval_metrics, topk_search
-from mmemb.eval.mmeb_groups import mean_group
 from mmemb.eval.task import DatasetResult, Summary
 
 

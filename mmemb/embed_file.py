@@ -1,4 +1,4 @@
-"""`mmemb encode`: stream jsonl items to embeddings, for pipelines.
+"""Embed jsonl items into a file (.npy or .parquet), for pipelines: the work behind `mmemb encode`.
 
 Each input line is one item: ``{"text": ..., "image": "path/to/img.jpg", "instruction": ...,
 "id": ...}`` (at least one of text and image; image paths relative to `image_root`). Items are
