@@ -111,10 +111,10 @@ def paired_stats(diffs: Sequence[float], *, confidence: float = 0.95) -> Paired:
     if n < 2:
         return Paired(n, m, s, math.nan, math.nan, math.nan, math.nan, wins, losses)
     if s == 0:
-        # every seed moved by exactly the same amount: the interval is a point, and the t-test
-        # is undefined (p 1 when that amount is 0, else 0 in the limit)
-        t_p = 1.0 if m == 0 else 0.0
-        low = high = m
+        # every seed moved by exactly the same amount (likely with few seeds and a discrete
+        # metric: one query is 1/N): the t statistic is undefined, not infinitely significant
+        t_p = 1.0 if m == 0 else math.nan
+        low = high = m if m == 0 else math.nan
     else:
         half = stats.t.ppf(0.5 + confidence / 2, n - 1) * s / math.sqrt(n)
         low, high = m - half, m + half

@@ -66,8 +66,8 @@ def test_paired_stats_match_scipy_and_a_hand_computed_interval() -> None:
 
 def test_paired_stats_degenerate_cases() -> None:
     pytest.importorskip("scipy")
-    same = rw.paired_stats([2.0, 2.0, 2.0])
-    assert same.ci_low == same.ci_high == 2.0 and same.t_p == 0.0
+    same = rw.paired_stats([2.0, 2.0, 2.0])  # no spread: no interval, no t-test to claim
+    assert same.mean == 2.0 and math.isnan(same.ci_low) and math.isnan(same.t_p)
     zero = rw.paired_stats([0.0, 0.0, 0.0])
     assert zero.t_p == 1.0 and math.isnan(zero.wilcoxon_p)
     one = rw.paired_stats([1.0])
