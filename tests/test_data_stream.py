@@ -89,6 +89,30 @@ def test_resume_is_exact(two_sets: Path, case: str) -> None:
     assert _take(iter(resumed), 10) == full[100:150]
 
 
+# The data state of a checkpoint written before the cursor position became a named type
+# (CursorPosition): two_sets, batch_size=5, seed=3, shuffle_buffer=16, after 20 batches.
+OLD_DATA_STATE = (
+    '{"version":1,"epoch":0,"yielded":20,"next_worker":0,"workers":{"0":{"draws":100,'
+    '"batches":20,"samples":100,"stats":{},"cursors":{"0":{"k":4,"o":8,"e":6,"done":false},'
+    '"1":{"k":3,"o":2,"e":14,"done":false}}}},"past_stats":{},"plan":{"datasets":[["a",7,70],'
+    '["b",5,50]],"batch_size":5,"seed":3,"world_size":1,"workers":1,"shuffle_buffer":16,'
+    '"resample":false,"task_homogeneous":false,"drop_last":true}}'
+)
+
+
+def test_an_old_checkpoints_data_state_still_loads(two_sets: Path) -> None:
+    """Saved positions keep their keys (k, o, e, done): an old state resumes exactly where the
+    uninterrupted stream goes on, and a new state is written in the same form."""
+    kw: dict[str, Any] = dict(batch_size=5, seed=3, shuffle_buffer=16)
+    full = _take(iter(TrainStream([(two_sets, 1.0)], **kw)), 21)
+    resumed = TrainStream([(two_sets, 1.0)], **kw)
+    resumed.load_state_dict(json.loads(OLD_DATA_STATE))
+    assert _take(iter(resumed), 1) == full[100:105] == ["b-35", "a-53", "a-10", "a-39", "a-13"]
+    first = TrainStream([(two_sets, 1.0)], **kw)
+    _take(iter(first), 20)
+    assert first.state_dict() == json.loads(OLD_DATA_STATE)
+
+
 @pytest.mark.distributed
 def test_resume_is_exact_with_two_workers(tmp_path: Path) -> None:
     # Each worker gets 4 + 2 shards of 10 = 15 batches of 4. After 100 samples (25 batches:

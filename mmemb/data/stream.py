@@ -215,9 +215,35 @@ class StreamPlan:
 # one dataset read by one slot
 
 
+@dataclass
+class CursorPosition:
+    """Where one slot stands in one dataset; a checkpoint's data state holds one per dataset.
+
+    Samples are read in blocks (a shuffle buffer's worth): the current block starts at sample
+    `offset` of the `shard`-th shard in the slot's shard order, and `emitted` samples of the block
+    were handed out; `done` once this slot's part of the dataset is exhausted. A block is rebuilt
+    from (`shard`, `offset`) alone (its shuffle is seeded by them), so these four numbers are the
+    whole position. Saved with the short keys ``k``, ``o``, ``e``, ``done`` of the checkpoints
+    written before this type existed, so old and new checkpoints load alike.
+    """
+
+    shard: int = 0
+    offset: int = 0
+    emitted: int = 0
+    done: bool = False
+
+    def to_state(self) -> dict[str, Any]:
+        return {"k": self.shard, "o": self.offset, "e": self.emitted, "done": self.done}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None) -> CursorPosition:
+        st = state or {}
+        return cls(shard=st.get("k", 0), offset=st.get("o", 0), emitted=st.get("e", 0),
+                   done=st.get("done", False))
+
+
 class _Cursor:
-    """Reads dataset `d` for one slot, block by block; its position is (k, o, e, done):
-    the block starts at sample `o` of the slot's `k`-th shard, `e` samples of it were emitted."""
+    """Reads dataset `d` for one slot, block by block, from a `CursorPosition`."""
 
     def __init__(
         self,
@@ -235,13 +261,9 @@ class _Cursor:
         self.stats = stats
         self.ds = plan.datasets[d]
         self.mine = None if plan.resample else plan.epoch_shards(d, epoch, slot)
-        st = dict(state or {})
-        self.k: int = st.get("k", 0)
-        self.o: int = st.get("o", 0)
-        self.e: int = st.get("e", 0)
-        self.done: bool = st.get("done", False)
+        self.pos = CursorPosition.from_state(state)
         self._block: list[tuple[int, SampleLoc]] | None = None
-        self._next: tuple[int, int] = (0, 0)
+        self._next: tuple[int, int] = (0, 0)  # (shard, offset) of the next block
         self._scans: OrderedDict[int, list[SampleLoc]] = OrderedDict()
         self._files: OrderedDict[int, IO[bytes]] = OrderedDict()
         self._cum: list[int] = []
@@ -252,7 +274,11 @@ class _Cursor:
 
     @property
     def state(self) -> dict[str, Any]:
-        return {"k": self.k, "o": self.o, "e": self.e, "done": self.done}
+        return self.pos.to_state()
+
+    @property
+    def done(self) -> bool:
+        return self.pos.done
 
     def _shard_at(self, k: int) -> int | None:
         if self.mine is not None:
@@ -291,18 +317,19 @@ class _Cursor:
     def _build_block(self) -> list[tuple[int, SampleLoc]]:
         size = self.plan.shuffle_buffer if self.plan.shuffle_buffer > 1 else _NO_SHUFFLE_BLOCK
         block: list[tuple[int, SampleLoc]] = []
-        k, o = self.k, self.o
+        pos = self.pos
+        shard, offset = pos.shard, pos.offset
         empty_run = 0
         while len(block) < size:
-            si = self._shard_at(k)
+            si = self._shard_at(shard)
             if si is None:
                 break
             locs = self._scan(si)
-            take = locs[o : o + size - len(block)]
+            take = locs[offset : offset + size - len(block)]
             block += [(si, loc) for loc in take]
-            o += len(take)
-            if o >= len(locs):
-                k, o = k + 1, 0
+            offset += len(take)
+            if offset >= len(locs):
+                shard, offset = shard + 1, 0
                 empty_run = 0 if take else empty_run + 1
                 if empty_run > 1000:  # only possible when resampling unreadable shards
                     raise DataError(
@@ -310,27 +337,27 @@ class _Cursor:
                         "the shards are damaged or empty. Re-run `mmemb prepare`."
                     )
         if self.plan.shuffle_buffer > 1:
-            _rng(self.plan.seed, "block", self.epoch, self.slot, self.d, self.k, self.o).shuffle(
-                block
-            )
-        self._next = (k, o)
+            _rng(self.plan.seed, "block", self.epoch, self.slot, self.d, pos.shard,
+                 pos.offset).shuffle(block)
+        self._next = (shard, offset)  # where the next block starts
         return block
 
     def next(self) -> Sample | None:
         """The next sample, or None when this slot's part of the dataset is done."""
-        while not self.done:
+        pos = self.pos
+        while not pos.done:
             if self._block is None:
                 self._block = self._build_block()
                 if not self._block:
-                    self.done = True
+                    pos.done = True
                     break
-            if self.e >= len(self._block):
-                self.k, self.o = self._next
-                self.e = 0
+            if pos.emitted >= len(self._block):
+                pos.shard, pos.offset = self._next
+                pos.emitted = 0
                 self._block = None
                 continue
-            si, loc = self._block[self.e]
-            self.e += 1
+            si, loc = self._block[pos.emitted]
+            pos.emitted += 1
             path = self.ds.shards[si][0]
             where = f"{path} sample '{loc.key}'"
             try:
