@@ -194,7 +194,8 @@ def test_a_float_temperature_is_checked_once_at_build():
 
 
 def test_collapse_alarm_fires_once_after_patience_and_names_the_fix():
-    alarm = CollapseAlarm(warmup_steps=10, reweighter={"name": "ega", "normalize": False})
+    ega = plugins.build("reweighter", "ega", normalize=False)
+    alarm = CollapseAlarm(warmup_steps=10, loss=L.ContrastiveLoss(temperature=TAU, reweighter=ega))
     flat = math.log(40)
     assert alarm.check(5, loss=flat, candidates_per_row=40, pos_sim=0.1,
                        hardest_neg_sim=0.5) is None  # still warming up
@@ -209,9 +210,26 @@ def test_collapse_alarm_fires_once_after_patience_and_names_the_fix():
     assert line is not None and "step 60" in line and "normalize=true" in line
     assert alarm.check(70, loss=flat, candidates_per_row=40, pos_sim=0.1,
                        hardest_neg_sim=0.5) is None  # once
-    sims = CollapseAlarm(warmup_steps=0, reweighter={"name": "none"}, patience=1)
+    sims = CollapseAlarm(warmup_steps=0, loss=L.ContrastiveLoss(temperature=TAU), patience=1)
     line = sims.check(1, loss=0.5, candidates_per_row=40, pos_sim=0.8, hardest_neg_sim=0.8)
     assert line is not None and "train.lr" in line
+
+
+def test_collapse_alarm_reads_the_loss_only_where_uniform_scores_give_ln_m():
+    # LLaVE offsets the negatives' logits: a healthy run can sit near ln(M); only the sims decide
+    llave = L.ContrastiveLoss(temperature=TAU, reweighter=plugins.build("reweighter", "llave"))
+    for loss in (llave, L.ContrastiveLoss(temperature=TAU, symmetric=True)):
+        alarm = CollapseAlarm(warmup_steps=0, loss=loss, patience=1)
+        assert alarm.check(1, loss=math.log(40), candidates_per_row=40, pos_sim=0.6,
+                           hardest_neg_sim=0.4) is None
+        assert alarm.check(2, loss=1.0, candidates_per_row=40, pos_sim=0.4,
+                           hardest_neg_sim=0.4) is not None
+    # the default ega (normalize: false) gets the normalize advice, read from the built config
+    default = L.ContrastiveLoss(temperature=TAU, reweighter=plugins.build("reweighter", "ega"))
+    line = CollapseAlarm(warmup_steps=0, loss=default, patience=1).check(
+        1, loss=math.log(40), candidates_per_row=40, pos_sim=0.1, hardest_neg_sim=0.5)
+    expected = "normalize=true" if not default.reweighter.config.normalize else "train.lr"
+    assert line is not None and expected in line
 
 
 def test_amplification_of_a_logit_reweighter_is_measured_against_plain_infonce():

@@ -33,13 +33,25 @@ class Item:
             return "text"
         return "image" if self.text is None else "image+text"
 
+    def digest(self) -> bytes:
+        """16 bytes that identify what the model is shown — instruction, text and image bytes — so
+        equal digests mean equal embeddings. The one content identity of mmemb: the loss's
+        duplicate-positive keys, mining's de-duplication and the eval's item cache all use it.
+        Each field is flagged present or absent and length-prefixed, so None differs from "" and
+        bytes cannot move between fields to make two items collide."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (self.instruction, self.text, self.image):
+            if part is None:
+                h.update(b"\0")
+                continue
+            data = part.encode() if isinstance(part, str) else part
+            h.update(b"\1" + len(data).to_bytes(8, "little"))
+            h.update(data)
+        return h.digest()
+
     def content_hash(self) -> str:
-        """A hash of what the item shows (text and image), used to find duplicate candidates."""
-        h = hashlib.sha1()
-        h.update((self.text or "").encode())
-        h.update(b"\0")
-        h.update(self.image or b"")
-        return h.hexdigest()
+        """:meth:`digest` as hex (mining's de-duplication of candidates)."""
+        return self.digest().hex()
 
 
 @dataclass

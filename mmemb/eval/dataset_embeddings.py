@@ -31,16 +31,8 @@ SIDES: tuple[Side, Side] = ("query", "target")
 
 
 def item_key(item: Item) -> bytes:
-    """A digest of everything that changes an item's embedding: text, image bytes, instruction."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (item.text, item.image, item.instruction):
-        if part is None:
-            h.update(b"\xff")  # None differs from the empty string
-            continue
-        data = part.encode() if isinstance(part, str) else part
-        h.update(len(data).to_bytes(8, "little"))  # length prefix: no ambiguity between fields
-        h.update(data)
-    return h.digest()
+    """A digest of everything that changes an item's embedding (:meth:`Item.digest`)."""
+    return item.digest()
 
 
 @dataclass

@@ -151,14 +151,16 @@ def check_reweighter(
                                           f"matrix in {label} at {where}"),
                         )
         if neutral is not None:
-            got_neutral = _run(q, c, t, neutral, None, symmetric=False, keys=None,
-                               tau=temperature)
-            got_plain = _run(q, c, t, plain, None, symmetric=False, keys=None, tau=temperature)
-            for label, x, y in zip(("loss", "dq", "dc"), got_neutral, got_plain, strict=True):
-                torch.testing.assert_close(
-                    x, y, rtol=rtol, atol=1e-12,
-                    msg=f"{neutral!r} (the no-op setting) is not plain InfoNCE in {label}",
-                )
+            for k in (None, keys):  # with copies of a positive masked (−∞) too
+                got_neutral = _run(q, c, t, neutral, None, symmetric=False, keys=k,
+                                   tau=temperature)
+                got_plain = _run(q, c, t, plain, None, symmetric=False, keys=k, tau=temperature)
+                for label, x, y in zip(("loss", "dq", "dc"), got_neutral, got_plain, strict=True):
+                    torch.testing.assert_close(
+                        x, y, rtol=rtol, atol=1e-12,
+                        msg=f"{neutral!r} (the no-op setting) is not plain InfoNCE in {label} "
+                        f"(keys={k is not None})",
+                    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from mmemb.errors import MmembError
+from mmemb.loss import ContrastiveLoss
 
 COLLAPSED_EXIT_CODE = 3
 """Exit status of `mmemb train` stopped by ``train.stop_on_collapse`` (1 is a user error)."""
@@ -28,13 +28,15 @@ class CollapseAlarm:
     """Checked at each log interval after warm-up; fires once after ``patience`` collapsed checks
     in a row.
 
-    A check is collapsed when the loss is within ``rel_tol`` of ``ln(candidates per row)`` (the
-    loss of uniform scores) or the mean positive and hardest-negative similarities differ by less
-    than ``sim_tol``.
+    A check is collapsed when the mean positive and hardest-negative similarities differ by less
+    than ``sim_tol``, or — where uniform scores give exactly ``ln(candidates per row)``, i.e. one
+    direction and a reweighter that leaves the logits alone — when the loss is within
+    ``rel_tol`` of it. (LLaVE's logit offsets and the symmetric term's second direction change
+    the loss of uniform scores, so only the similarities decide for them.)
     """
 
     warmup_steps: int
-    reweighter: dict[str, Any]
+    loss: ContrastiveLoss
     patience: int = 3
     rel_tol: float = 0.01
     sim_tol: float = 1e-3
@@ -49,7 +51,8 @@ class CollapseAlarm:
         if self.fired or step <= self.warmup_steps or candidates_per_row <= 1:
             return None
         uniform = math.log(candidates_per_row)
-        flat_loss = abs(loss - uniform) <= self.rel_tol * uniform
+        plain_logits = not (self.loss.symmetric or self.loss.reweighter.transforms_logits)
+        flat_loss = plain_logits and abs(loss - uniform) <= self.rel_tol * uniform
         flat_sims = abs(pos_sim - hardest_neg_sim) < self.sim_tol
         self.streak = self.streak + 1 if (flat_loss or flat_sims) else 0
         if self.streak < self.patience:
@@ -60,8 +63,9 @@ class CollapseAlarm:
         return f"collapse at step {step}: {what} for {self.patience} log intervals. {self._fix()}"
 
     def _fix(self) -> str:
-        name = self.reweighter.get("name")
-        if name == "ega" and not self.reweighter.get("normalize", True):
+        rw = self.loss.reweighter
+        config = getattr(rw, "config", None)
+        if rw.name == "ega" and not getattr(config, "normalize", True):
             return ("Likely cause: un-normalised EGA amplifies every negative of a model whose "
                     "negatives all look hard. Fix: loss.reweighter.normalize=true, or a lower "
                     "train.lr / more train.warmup_steps.")

@@ -146,7 +146,7 @@ class _Run:
         self.last_checkpoint: Path | None = None
         self.global_loss = math.nan
         self.preempt_agreed = False
-        self.alarm = CollapseAlarm(self.r.train.warmup_steps, dict(self.r.loss.reweighter))
+        self.alarm: CollapseAlarm | None = None  # built with the loss (it reads its reweighter)
         self.collapsed: str | None = None
         self.guard = guard
         self.run_id = ""
@@ -376,18 +376,22 @@ class _Run:
     def _check_collapse(
         self, step: int, record: dict[str, Any], local_candidates: int, local_rows: int
     ) -> None:
-        # candidates a row is scored against: every rank's (equal batches), less its masked copies
+        if self.alarm is None:
+            self.alarm = CollapseAlarm(self.r.train.warmup_steps, self.loss)
+        # Summed over ranks: the candidates (every rank's are each row's columns), the similarities
+        # and the masked copies per row (each rank's rows already count every rank's columns), so
+        # every rank reaches the same verdict (stop_on_collapse) from the whole batch's values.
         values = torch.tensor(
-            [record["pos_sim"], record["hardest_neg_sim"],
-             local_candidates - self.loss.last_masked / max(local_rows, 1)],
+            [local_candidates, record["pos_sim"], record["hardest_neg_sim"],
+             self.loss.last_masked / max(local_rows, 1)],
             dtype=torch.float64, device=self.device,
         )
         if self.env.world_size > 1 and dist.is_initialized():
-            dist.all_reduce(values)  # every rank must reach the same verdict (stop_on_collapse)
-            values /= self.env.world_size
-        pos_sim, hardest, per_row = values.tolist()
+            dist.all_reduce(values)
+            values[1:] /= self.env.world_size
+        candidates, pos_sim, hardest, masked_per_row = values.tolist()
         warning = self.alarm.check(
-            step, loss=record["loss"], candidates_per_row=per_row * self.env.world_size,
+            step, loss=record["loss"], candidates_per_row=candidates - masked_per_row,
             pos_sim=pos_sim, hardest_neg_sim=hardest,
         )
         if warning is None:

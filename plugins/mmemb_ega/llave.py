@@ -63,7 +63,8 @@ class LLaVEReweighter(Reweighter):
         stats: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
         offset = (self.config.alpha * temperature) * z.detach()  # α·sg(s), s = z·τ
-        return torch.where(is_pos, z, z + offset)
+        # a masked copy of the positive (z = −∞) stays −∞: α = 0 would make 0·(−∞) a NaN
+        return torch.where(is_pos | torch.isneginf(z), z, z + offset)
 
     def fused_form(self) -> FusedForm:
         return FusedForm(kind="llave", alpha=self.config.alpha)
