@@ -106,7 +106,7 @@ def _direction(x, y, t, key_rows, key_cols, name, options):
     if options.get("fn_margin") is not None:
         h = torch.where(diff > options["fn_margin"], torch.zeros_like(h), h)
     pbar = p * (1.0 + options.get("alpha", 1.0) * h)
-    if options.get("normalize"):
+    if options.get("normalize", True):  # EGAConfig's default
         pbar = pbar * (p * neg).sum(1, keepdim=True) / (pbar * neg).sum(1, keepdim=True)
     pbar = torch.where(neg, pbar, p)
     surrogate = ((pbar - is_pos.double()) * (s / TAU).masked_fill(dup, 0.0)).sum() / b

@@ -175,7 +175,7 @@ def test_diagnostics_match_an_independent_computation():
     plain = L.loss_diagnostics(q, c, t, temperature=tau)
     assert plain["amplification"] == pytest.approx(1.0)
     assert plain["loss"] == pytest.approx(float(reference(q, c, t, tau, False)), rel=1e-12)
-    ega = plugins.build("reweighter", "ega", alpha=alpha)
+    ega = plugins.build("reweighter", "ega", alpha=alpha, normalize=False)
     got = L.loss_diagnostics(q, c, t, temperature=tau, reweighter=ega, max_elements=20)
     s = q @ c.T
     p = torch.softmax(s / tau, dim=1)

@@ -79,7 +79,7 @@ def test_unknown_reweighter_suggests_the_closest():
 
 
 def ega_reference(q, c, t, tau, *, alpha=1.0, tau_h=None, hardness="exp", margin=0.1,
-                  normalize=False, fn_margin=None):
+                  normalize=True, fn_margin=None):
     """(loss, dq, dc): plain InfoNCE loss; gradient (p̄ − y)/B pushed through s = q·cᵀ/τ."""
     b, m = len(q), len(c)
     s = q @ c.T
@@ -106,13 +106,14 @@ def ega_reference(q, c, t, tau, *, alpha=1.0, tau_h=None, hardness="exp", margin
     return loss, g @ c / tau, g.T @ q / tau
 
 
-EGA_OPTIONS = [
+EGA_OPTIONS = [  # the reference's defaults are EGAConfig's (normalize: true)
     {},
+    {"normalize": False},
+    {"alpha": 2.5, "normalize": False},
+    {"tau_h": 0.2, "normalize": False},
+    {"hardness": "linear", "margin": 0.3, "normalize": False},
     {"alpha": 2.5},
-    {"tau_h": 0.2},
-    {"hardness": "linear", "margin": 0.3},
-    {"normalize": True},
-    {"fn_margin": 0.05},
+    {"fn_margin": 0.05, "normalize": False},
     {"alpha": 3.0, "tau_h": 0.1, "normalize": True, "fn_margin": 0.0},
     {"hardness": "linear", "margin": 0.5, "normalize": True, "fn_margin": 0.1},
 ]

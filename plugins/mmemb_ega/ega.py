@@ -25,7 +25,9 @@ class EGAConfig(BaseModel):
     )
     margin: float = Field(default=0.1, gt=0.0, description="margin m of the linear hardness")
     normalize: bool = Field(
-        default=False, description="rescale a row's amplified negatives to their original mass"
+        default=True,
+        description="rescale a row's amplified negatives to their original mass (default: the "
+        "un-normalised form collapses from scratch; docs/loss.md, docs/results.md)",
     )
     fn_margin: float | None = Field(
         default=None,
