@@ -16,7 +16,10 @@ the config. From each run's eval results and metrics.jsonl it writes
 
 A config is ``NAME=override,override,...`` (recipe `key=value` overrides, comma-separated;
 ``NAME=`` runs the recipe as it is). Finished runs with the same command are reused, so an
-interrupted study resumes where it stopped.
+interrupted study resumes where it stopped, and more `--seeds` extend it; `--summarize-only`
+tabulates what has finished; `--compare A:B` adds paired comparisons other than the baseline's
+(e.g. a reweighter with and without duplicate masking). Each run's model and checkpoints are
+deleted after it is read (`--keep-models` keeps them).
 
     python experiments/reweighters.py --recipe recipes/quickstart.yaml --seeds 0 1 2 3 4 \\
         --parallel 2 --configs none=loss.reweighter=none \\
