@@ -162,3 +162,38 @@ def test_a_finished_run_rerun_with_resume_auto_does_nothing(
                    resume="auto")
     assert result.steps == 4 and "already finished at step 4" in lines[-1]
     assert (out / "model" / "mmemb.json").stat().st_mtime_ns == model
+
+
+def test_a_signal_after_the_last_steps_check_keeps_the_final_checkpoint(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM arriving after the last step's loss check (the loop's last look at the flag) still
+    finds the final checkpoint written, stops before the evals and the save, and the rerun with
+    --resume auto finishes the run without training again."""
+    import signal as signals
+
+    from mmemb.train import Preempted
+    from mmemb.train import trainer as trainer_module
+
+    original = trainer_module._Run._check_loss
+
+    def late_signal(self, flag, step):  # type: ignore[no-untyped-def]
+        check = original(self, flag, step)
+
+        def wrapped(loss):  # type: ignore[no-untyped-def]
+            check(loss)
+            if step == self.steps:
+                flag.signum = signals.SIGTERM  # just after the step's all-reduce read the flag
+        return wrapped
+
+    loaded = tiny_recipe(TINY, data, tmp_path / "run", steps=3, batch_size=4)
+    monkeypatch.setattr(trainer_module._Run, "_check_loss", late_signal)
+    with pytest.raises(Preempted) as info:
+        train(loaded, echo=lambda s: None, evaluate=False)
+    assert info.value.checkpoint is not None and info.value.checkpoint.endswith("step-00000003")
+    assert not (tmp_path / "run" / "model").exists()
+    monkeypatch.setattr(trainer_module._Run, "_check_loss", original)
+    lines: list[str] = []
+    result = train(loaded, echo=lines.append, evaluate=False, resume="auto")
+    assert result.model_dir is not None and (tmp_path / "run" / "model").is_dir()
+    assert any("resumed" in line and "step 3" in line for line in lines), lines

@@ -344,11 +344,21 @@ class _Run:
                     metrics.close()
                     raise stop_for(signum, phase="training", step=step,
                                    checkpoint=str(path) if path else None)
+            # Still inside the signal guard: a signal that arrived after the last step's check
+            # finds the final checkpoint written, and every rank agrees to stop here (exit 75/130)
+            # rather than one rank leaving the others in the evals' and the save's collectives.
+            if self.save and history:
+                self._checkpoint(engine, self.steps, history[-1])
+            if self._agree(flag.requested):
+                signum = flag.signum or 15
+                flag.signum = None
+                metrics.close()
+                kept = self.last_checkpoint
+                raise stop_for(signum, phase="finishing training", step=self.steps,
+                               checkpoint=str(kept) if kept else None)
         metrics.close()
         self.echo(f"trained {self.steps - start} steps in {time.perf_counter() - t_start:.1f}s, "
                   f"final loss {self.global_loss:.4f}")
-        if self.save and history:
-            self._checkpoint(engine, self.steps, history[-1])
         return history
 
     def _agree(self, local: bool) -> bool:
