@@ -64,8 +64,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def replace_dir(staging: Path, final: Path, *, old: Path | None = None) -> None:
     """Move the finished directory `staging` to `final`. An existing `final` is first renamed to
-    `old` (default: a hidden name beside it) and removed once `staging` is in place, so there is
-    never a moment without one; a crash between the two renames leaves the old one under `old`."""
+    `old` (default: a hidden name beside it) and removed once `staging` is in place. Between the
+    two renames `final` does not exist: a crash there leaves the old one under `old`, complete,
+    for the caller to restore (checkpoints do; see `mmemb.train.checkpoint.save_checkpoint`)."""
     if not final.exists():
         os.replace(staging, final)
         return

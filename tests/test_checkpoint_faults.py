@@ -92,3 +92,20 @@ def test_a_shard_truncated_during_training_is_an_error_naming_it(tmp_path: Path)
     assert f"manifest.json says {manifest['shards'][0]['bytes']}" in lines[0]
     assert "The last checkpoint is" in lines[0] and "--resume auto" in lines[0]
     assert len(metrics_steps(out)) < 20  # stopped at once, not after skipping the damage
+
+
+def test_a_resave_killed_between_its_renames_gets_its_old_copy_back(tmp_path: Path) -> None:
+    from mmemb.train.checkpoint import STATE_FILE, sweep_stale
+
+    root = tmp_path / "checkpoints"
+    trash = root / ".trash-step-00000004"  # step-4 was renamed away, the new copy never arrived
+    trash.mkdir(parents=True)
+    (trash / STATE_FILE).write_text('{"step": 4}')
+    (root / ".tmp-step-00000004").mkdir()  # and the half-written new copy
+    leftover = root / ".trash-step-00000002"  # an ordinary leftover: step-2 is there
+    leftover.mkdir()
+    (leftover / STATE_FILE).write_text('{"step": 2}')
+    (root / "step-00000002").mkdir()
+    sweep_stale(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+    assert (root / "step-00000004" / STATE_FILE).read_text() == '{"step": 4}'

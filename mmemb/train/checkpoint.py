@@ -133,6 +133,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- saving -------------------------------------------------------------------------------------
 
 
+def sweep_stale(root: Path) -> None:
+    """Clear what a job killed while writing left under `root`: half-written ``.tmp-step-*``
+    directories go; a ``.trash-step-N`` goes too, unless ``step-N`` is missing — killed between
+    the two renames of a re-save, that old copy is the only one, and it is put back."""
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for trash in root.glob(".trash-step-*"):
+        whole = root / trash.name.removeprefix(".trash-")
+        if not whole.exists() and (trash / STATE_FILE).is_file():
+            os.replace(trash, whole)
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -157,8 +171,7 @@ def save_checkpoint(
     try:
         if env.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in [*root.glob(".tmp-step-*"), *root.glob(".trash-step-*")]:
-                shutil.rmtree(stale, ignore_errors=True)  # left by a job killed while writing
+            sweep_stale(root)
             (tmp / "rng").mkdir(parents=True)
             (tmp / "data").mkdir()
     except Exception as exc:  # noqa: BLE001 - reported below, after every rank agreed
@@ -182,8 +195,8 @@ def save_checkpoint(
                      **trainer_state}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks it whole
             _fsync_tree(tmp)
-            # the same step saved again: swapped, never a moment without one; the old one is
-            # renamed to a .trash- name, which the stale-directory sweep above also removes
+            # the same step saved again: the old one is renamed to a .trash- name first; the
+            # sweep above removes it, or restores it if a crash left no step- directory
             replace_dir(tmp, final, old=final.with_name(f".trash-{final.name}"))
             _fsync_dir(root)
     except Exception as exc:  # noqa: BLE001

@@ -19,11 +19,7 @@ from __future__ import annotations
 import torch
 
 from mmemb.loss import DuplicateKeys, Reweighter, RowStats, duplicate_mask, positive_mask
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype for inputs of ``dtype``: float64 stays, everything else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from mmemb.loss.checks import acc_dtype
 
 
 def positive_logits(
