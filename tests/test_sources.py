@@ -272,8 +272,8 @@ def test_image_folder_train_and_eval(tmp_path: Path) -> None:
     )
     assert report.written == 6 and report.datasets == {"pets": 6}
     samples = list(iter_samples(tmp_path / "t"))
-    first = samples[0]
-    assert first.id == "golden_retriever/a.jpg" and first.query.image == jpeg_bytes(0)
+    first = next(s for s in samples if s.id == "golden_retriever/a.jpg")
+    assert first.query.image == jpeg_bytes(0)
     assert first.query.instruction == "Represent the given image for classification."
     assert first.pos.text == "a photo of a golden retriever"
     assert len(first.negs) == 1 and first.negs[0].text != first.pos.text
@@ -292,6 +292,28 @@ def test_image_folder_train_and_eval(tmp_path: Path) -> None:
     assert read_manifest(tmp_path / "e")["kind"] == "eval"
     zebra = [s for s in iter_samples(tmp_path / "e") if s.meta["label"] == "zebra"][0]
     assert [c.text for c in zebra.candidates] == ["zebra", "golden retriever", "tabby cat"]
+
+
+def test_image_folder_writes_classes_interleaved(tmp_path: Path) -> None:
+    """Class-sorted shards defeat the training stream's shuffle buffer, so the writer shuffles."""
+    classes = ["ant", "bee", "cat", "dog"]
+    root = _images(
+        tmp_path / "tree",
+        {f"{cls}/{i:02d}.png": png_bytes(c) for c, cls in enumerate(classes) for i in range(12)},
+    )
+    sorted_ids = [f"{cls}/{i:02d}.png" for cls in classes for i in range(12)]
+
+    def ids(out: str, **args: object) -> list[str]:
+        prepare("image_folder", {"input": str(root), **args}, tmp_path / out)
+        return [s.id for s in iter_samples(tmp_path / out)]
+
+    shuffled = ids("a")
+    assert sorted(shuffled) == sorted_ids and shuffled != sorted_ids
+    labels = [i.split("/")[0] for i in shuffled]
+    assert sum(a != b for a, b in zip(labels, labels[1:])) > 3 * len(classes)  # not in blocks
+    assert ids("b") == shuffled  # seeded: preparing again gives the same shards
+    assert ids("c", seed=1) != shuffled
+    assert ids("d", shuffle=False) == sorted_ids
 
 
 def test_image_folder_corrupt_image_and_bad_args(tmp_path: Path) -> None:

@@ -39,7 +39,11 @@ class ImageFolderConfig(BaseModel):
     negatives: int | Literal["all"] = Field(
         0, description="other-class labels per sample as hard negatives, or 'all'"
     )
-    seed: int = Field(0, description="seed for choosing negative labels")
+    seed: int = Field(0, description="seed for choosing negative labels and the sample order")
+    shuffle: bool = Field(
+        True,
+        description="write samples in a seeded random order across classes (false: class by class)",
+    )
     kind: Literal["train", "eval"] = Field("train", description="'eval' for an evaluation set")
     extensions: list[str] = Field(
         default_factory=lambda: list(IMAGE_SUFFIXES), description="image file suffixes to read"
@@ -88,30 +92,35 @@ class ImageFolderSource(Source):
         cfg = self.config
         suffixes = {s.lower() for s in cfg.extensions}
         dataset = self.root.name or "image_folder"
-        for cls in self.classes:
-            files = sorted(
+        files = [
+            (cls, path)
+            for cls in self.classes
+            for path in sorted(
                 p
                 for p in (self.root / cls).rglob("*")
                 if p.is_file() and p.suffix.lower() in suffixes
             )
-            for path in files:
-                rel = path.relative_to(self.root).as_posix()
-                try:
-                    data = read_image_file(path)
-                except (ImageError, FileNotFoundError) as exc:
-                    yield Reject("corrupt_image", str(path), None, str(exc), rel)
-                    continue
-                others = [c for c in self.classes if c != cls]
-                if cfg.negatives == "all":
-                    chosen = others
-                else:
-                    seed = hashlib.sha1(f"{cfg.seed}:{rel}".encode()).digest()
-                    chosen = random.Random(seed).sample(others, cfg.negatives)
-                yield Sample(
-                    id=rel,
-                    dataset=dataset,
-                    query=Item(image=data, instruction=cfg.instruction),
-                    pos=Item(text=self.labels[cls]),
-                    negs=[Item(text=self.labels[c]) for c in chosen],
-                    meta={"origin": origin(path, None), "label": cls},
-                )
+        ]
+        if cfg.shuffle:
+            random.Random(f"image_folder-order:{cfg.seed}").shuffle(files)
+        for cls, path in files:
+            rel = path.relative_to(self.root).as_posix()
+            try:
+                data = read_image_file(path)
+            except (ImageError, FileNotFoundError) as exc:
+                yield Reject("corrupt_image", str(path), None, str(exc), rel)
+                continue
+            others = [c for c in self.classes if c != cls]
+            if cfg.negatives == "all":
+                chosen = others
+            else:
+                seed = hashlib.sha1(f"{cfg.seed}:{rel}".encode()).digest()
+                chosen = random.Random(seed).sample(others, cfg.negatives)
+            yield Sample(
+                id=rel,
+                dataset=dataset,
+                query=Item(image=data, instruction=cfg.instruction),
+                pos=Item(text=self.labels[cls]),
+                negs=[Item(text=self.labels[c]) for c in chosen],
+                meta={"origin": origin(path, None), "label": cls},
+            )
