@@ -159,3 +159,28 @@ def test_the_automatic_prepare_of_train_recovers_after_sigterm(tmp_path: Path) -
     assert not shards.with_name("train.partial").exists()
     assert any(line.startswith("read 60 = written 60") for s in said for line in s.splitlines())
     assert any("left by an interrupted prepare" in s for s in said) == left
+
+
+def test_a_stop_while_the_output_is_published_finishes_the_prepare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signal lands between the finished shards and their move into place: the prepare is
+    done, so the command succeeds (a requeue status would make the rerun refuse its own output)."""
+    import mmemb.data.prepare as prepare_module
+    from mmemb.cli import cli
+
+    real_publish = prepare_module._publish
+
+    def publish_under_a_signal(staging: Path, out: Path) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once: held, not raised
+        real_publish(staging, out)
+
+    monkeypatch.setattr(prepare_module, "_publish", publish_under_a_signal)
+    out = tmp_path / "train"
+    result = CliRunner().invoke(cli, ["prepare", "--source", "synthetic", "--arg", "n=4",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "SIGTERM arrived while the finished output was moved into" in result.output
+    assert read_manifest(out)["written"] == 4
+    assert _leftovers(tmp_path, out) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were restored

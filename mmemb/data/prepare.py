@@ -407,8 +407,9 @@ def _raise_for(signum: int) -> None:
 def stop_on_signals() -> Iterator[None]:
     """Turn SIGTERM/SIGUSR1 into `PrepareInterrupted` (and SIGINT into KeyboardInterrupt) while
     the block runs, so `prepare` removes its staging directory and the caller can exit with a
-    requeue status -- except while prepare moves the finished output into place, when the stop
-    waits until the move is done. Main thread only (a no-op elsewhere); the previous handlers
+    requeue status -- except while prepare moves the finished output into place: a stop then
+    is not raised at all, as the prepare has finished (it returns, with a note saying so). Main
+    thread only (a no-op elsewhere); the previous handlers
     come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -430,18 +431,22 @@ def stop_on_signals() -> Iterator[None]:
 
 
 @contextmanager
-def _stops_deferred() -> Iterator[None]:
-    """A stop requested inside the block happens when it ends: never between the two renames
-    that replace an old output (which would leave neither in place)."""
+def _stops_held() -> Iterator[list[int]]:
+    """Record, rather than raise, a stop requested inside the block; the list it yields holds the
+    signal once the block has ended. The block is the move of a finished output into place: a
+    stop between its two renames would leave neither output, and a stop after it would report a
+    written output as lost (exit 75), so that a requeued plain prepare refuses the output it
+    just made."""
     global _deferring, _pending
+    held: list[int] = []
     _deferring += 1
     try:
-        yield
+        yield held
     finally:
         _deferring -= 1
-        signum, _pending = _pending, None
-    if signum is not None and not _deferring:
-        _raise_for(signum)
+        if not _deferring and _pending is not None:
+            held.append(_pending)
+            _pending = None
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -579,8 +584,13 @@ def prepare(
         )
         write_json_atomic(staging / MANIFEST_NAME, manifest)
         (staging / OWNER_NAME).unlink()
-        with _stops_deferred():
+        with _stops_held() as held_stops:
             _publish(staging, out)
+        if held_stops:  # the work is done and in place: finish normally, say why no stop
+            notes.append(
+                f"{signal.Signals(held_stops[0]).name} arrived while the finished output was "
+                f"moved into {out}; the prepare had completed, so it was not stopped"
+            )
     except BaseException:
         checked_stream.close()  # stops the worker processes
         writer.abort()
