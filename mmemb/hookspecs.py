@@ -98,3 +98,16 @@ def mmemb_register_eval_tasks(registry: Registrar) -> None:
 @hookspec
 def mmemb_register_exporters(registry: Registrar) -> None:
     """Register exporters for `mmemb export`: factories ``(config) -> mmemb.export.Exporter``."""
+
+
+@hookspec
+def mmemb_register_tiny_models(registry: Registrar) -> None:
+    """Register tiny model writers: factories ``(config) -> pathlib.Path``, ``config`` being a
+    ``mmemb.testing.tiny_model.TinyModelConfig`` (register with ``config=TinyModelConfig``).
+
+    A writer puts a tiny random-initialised model directory of one architecture at
+    ``config.out_dir`` (weights only when ``config.weights``, seeded by ``config.seed``), written
+    locally and loadable with ``from_pretrained``, and returns the directory. Tests, the quickstart
+    and ``python -m mmemb.testing.tiny KIND OUT_DIR`` reach them through this registry because the
+    kernel knows no architecture; the name is the KIND users type.
+    """

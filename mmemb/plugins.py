@@ -1,9 +1,9 @@
 """Plugin manager: finds plugins through entry points and keeps one registry per component kind.
 
 Every concrete component (backbones, poolers, miners, reweighters, losses, sources, eval tasks,
-exporters) comes from a plugin, the default ones included: they are packages in `plugins/`
-registered through the entry-point group ``mmemb`` exactly as a third-party package would be. The
-kernel never imports them.
+exporters, tiny model writers) comes from a plugin, the default ones included: they are packages
+in `plugins/` registered through the entry-point group ``mmemb`` exactly as a third-party package
+would be. The kernel never imports them.
 
     >>> from mmemb import plugins
     >>> plugins.available("reweighter")          # doctest: +SKIP
@@ -49,6 +49,7 @@ KINDS: dict[str, str] = {
     "source": "mmemb_register_sources",
     "eval_task": "mmemb_register_eval_tasks",
     "exporter": "mmemb_register_exporters",
+    "tiny_model": "mmemb_register_tiny_models",
 }
 """Component kind -> the registration hook that fills its registry."""
 

@@ -66,6 +66,7 @@ def test_plugins_list_shows_kinds_and_providers() -> None:
         "eval_tasks:",
         "exporters:",
         "miners:",
+        "tiny_models:",
     ]:
         assert kind in out
     ega = next(ln for ln in out.splitlines() if ln.strip().startswith("ega "))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 from mmemb import hookspecs
@@ -25,4 +26,7 @@ def test_every_hookspec_names_the_interface_it_returns() -> None:
     for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
         if name.startswith("mmemb_"):
             doc = inspect.getdoc(fn) or ""
-            assert "-> mmemb." in doc, f"{name}'s docstring names no interface type"
+            # a dotted type: an mmemb interface (-> mmemb.model.Backbone), or -> pathlib.Path
+            assert re.search(r"-> [a-z_]+\.[\w.]*[A-Z]\w*", doc), (
+                f"{name}'s docstring names no interface type"
+            )
