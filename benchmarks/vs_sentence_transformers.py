@@ -33,7 +33,7 @@ import torch
 
 
 def _triples(n: int) -> list[tuple[str, str, str]]:
-    from mmemb.testing.tiny import caption_corpus
+    from mmemb.testing.corpus import caption_corpus
 
     corpus = caption_corpus(3 * n, seed=0)
     return [(corpus[3 * i], corpus[3 * i + 1], corpus[3 * i + 2]) for i in range(n)]
@@ -128,8 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import sentence_transformers
-
-    from mmemb.testing import make_tiny_text_model
+    from mmemb_hf.tiny import make_tiny_text_model
 
     triples = _triples(args.batch)
     with tempfile.TemporaryDirectory(prefix="mmemb-bench-st-") as tmp:

@@ -13,6 +13,13 @@ from typing import Any
 
 import pytest
 import torch
+from mmemb_hf.tiny import (
+    make_tiny_clip,
+    make_tiny_llava_onevision,
+    make_tiny_qwen2_vl,
+    make_tiny_siglip,
+    make_tiny_text_model,
+)
 
 from mmemb import plugins
 from mmemb.data.schema import Item
@@ -20,14 +27,7 @@ from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import ConfigError, DataError, MmembError
 from mmemb.lora import LoraSpec, apply_lora, merge_lora
 from mmemb.model import Backbone, BackboneOutput, Encoder, Pooler, split_rows
-from mmemb.testing import (
-    make_tiny_clip,
-    make_tiny_llava_onevision,
-    make_tiny_qwen2_vl,
-    make_tiny_siglip,
-    make_tiny_text_model,
-    shape_png,
-)
+from mmemb.testing import shape_png
 from mmemb.testing.contracts import (
     check_appends_eos,
     check_backbone,

@@ -139,7 +139,7 @@ def _backbone_worker(rank: int, world: int, out: str, data: str, engine: str, na
 def test_zero3_mixed_modalities_other_backbones(tmp_path: Path, data: Path, name: str) -> None:
     """The uniform forward of the other multimodal backbones: ZeRO-3 on mixed batches trains what
     the torch engine does."""
-    from mmemb.testing import make_tiny_clip, make_tiny_qwen2_vl
+    from mmemb_hf.tiny import make_tiny_clip, make_tiny_qwen2_vl
 
     maker = make_tiny_qwen2_vl if name == "qwen2_vl" else make_tiny_clip
     path = str(maker(tmp_path / "model", weights=True, seed=0))

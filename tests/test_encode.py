@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mmemb_hf.tiny import make_tiny_llava_onevision
 
 from mmemb import plugins
 from mmemb.data.schema import Item
@@ -14,7 +15,7 @@ from mmemb.embed_file import encode_items
 from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import DataError
 from mmemb.model import Encoder
-from mmemb.testing import make_tiny_llava_onevision, shape_png
+from mmemb.testing import shape_png
 
 pytestmark = pytest.mark.only_plugins("mmemb_hf")
 

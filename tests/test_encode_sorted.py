@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mmemb_hf.tiny import make_tiny_text_model
 
 from mmemb import plugins
 from mmemb.batching import encode_sorted, length_order
@@ -19,7 +20,7 @@ from mmemb.embed_file import encode_items
 from mmemb.encoder_io import save_encoder
 from mmemb.eval.dataset_embeddings import DatasetCollector, make_encode_fn
 from mmemb.model import Encoder, Side
-from mmemb.testing.tiny import caption_corpus, make_tiny_text_model
+from mmemb.testing.corpus import caption_corpus
 
 pytestmark = pytest.mark.only_plugins("mmemb_hf")
 

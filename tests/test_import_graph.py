@@ -175,7 +175,8 @@ def _describe(graph: dict[str, dict[str, int]], cycle: list[str]) -> str:
 
 def test_the_scan_sees_the_tree() -> None:
     mods = _modules()
-    assert {"mmemb", "mmemb.loss", "mmemb_hf", "mmemb_tiled"} <= set(mods)
+    assert {"mmemb", "mmemb.loss", "mmemb_hf", "mmemb_tiled", "mmemb.testing.tiny",
+            "mmemb_hf.tiny"} <= set(mods)
     graph = _graph()
     assert "mmemb.errors" in graph["mmemb.data.shards.codec"]
 
@@ -200,6 +201,31 @@ def test_kernel_imports_no_plugin_package() -> None:
         if module.split(".")[0] == "mmemb"
         for imp in _imports(module, path)
         if imp.target.split(".")[0] in plugin_packages
+    }
+    assert offenders == {}
+
+
+ARCHITECTURE_LIBRARIES = {"torch", "transformers", "tokenizers"}
+
+
+def test_tiny_model_cli_knows_no_architecture() -> None:
+    """``python -m mmemb.testing.tiny`` reaches the tiny model builders through the registry: no
+    module it runs, its kernel imports followed transitively, imports an architecture library
+    (the builders live in the plugin that owns the architecture, ``mmemb_hf.tiny``)."""
+    mods, graph = _modules(), _graph()
+    seen: set[str] = set()
+    todo = ["mmemb.testing.tiny"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += graph[module]
+    assert "mmemb.testing.tiny_model" in seen and "mmemb.plugins" in seen
+    offenders = {
+        f"{mods[m].relative_to(ROOT)}:{imp.line}": imp.target
+        for m in sorted(seen)
+        for imp in _imports(m, mods[m])
+        if not imp.type_only and imp.target.split(".")[0] in ARCHITECTURE_LIBRARIES
     }
     assert offenders == {}
 

@@ -13,18 +13,18 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from mmemb_hf.tiny import (
+    make_tiny_clip,
+    make_tiny_llava_onevision,
+    make_tiny_qwen2_vl,
+    make_tiny_text_model,
+)
 
 from mmemb.cli import cli
 from mmemb.data.schema import Item
 from mmemb.encoder_io import build_encoder, load_encoder, save_encoder
 from mmemb.export import export_model
 from mmemb.testing.images import shape_png
-from mmemb.testing.tiny import (
-    make_tiny_clip,
-    make_tiny_llava_onevision,
-    make_tiny_qwen2_vl,
-    make_tiny_text_model,
-)
 
 MAKERS = {"llava_onevision": make_tiny_llava_onevision, "qwen2_vl": make_tiny_qwen2_vl,
           "clip": make_tiny_clip}

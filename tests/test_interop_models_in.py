@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from mmemb_hf.tiny import make_tiny_text_model
 
 from mmemb.cli import cli as main
 from mmemb.data.schema import Item
@@ -22,7 +23,6 @@ from mmemb.encoder_io import (
     resolve_model,
     save_encoder,
 )
-from mmemb.testing.tiny import make_tiny_text_model
 
 st = pytest.importorskip("sentence_transformers")
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from mmemb_hf.tiny import make_tiny_llava_onevision
 
 from mmemb import plugins
 from mmemb.data.schema import Item
@@ -15,7 +16,7 @@ from mmemb.encoder_io import load_encoder, save_encoder
 from mmemb.errors import ConfigError
 from mmemb.lora import LoraSpec, apply_lora, has_lora, lora_target_regex, merge_lora
 from mmemb.model import Encoder
-from mmemb.testing import make_tiny_llava_onevision, shape_png
+from mmemb.testing import shape_png
 
 BATCH = [
     Item(text="a red circle above a blue square"),

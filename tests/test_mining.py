@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mmemb_hf.tiny import make_tiny_text_model
 
 from mmemb import plugins
 from mmemb.data.schema import Item, Sample
@@ -19,7 +20,7 @@ from mmemb.encoder_io import save_encoder
 from mmemb.errors import ConfigError, DataError
 from mmemb.mine import Ranked, mine
 from mmemb.model import Encoder
-from mmemb.testing.tiny import caption_corpus, make_tiny_text_model
+from mmemb.testing.corpus import caption_corpus
 
 # Only the plugins these tests use (others may be mid-change without breaking them).
 pytestmark = pytest.mark.only_plugins("mmemb_hf", "mmemb_mining")

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mmemb_hf.tiny import make_tiny_text_model
 
 from mmemb import plugins
 from mmemb.data.schema import Item, Sample
 from mmemb.data.shards import ShardWriter, iter_samples, write_json_atomic
 from mmemb.mine import mine
 from mmemb.model import Encoder
-from mmemb.testing.tiny import caption_corpus, make_tiny_text_model
+from mmemb.testing.corpus import caption_corpus
 
 st = pytest.importorskip("sentence_transformers")
 datasets = pytest.importorskip("datasets")

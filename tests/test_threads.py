@@ -142,10 +142,11 @@ def test_deepspeed_cpu_notice_is_dropped_and_nothing_else() -> None:
 
 @pytest.fixture(scope="module")
 def saved_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmemb_hf.tiny import make_tiny_llava_onevision
+
     from mmemb import plugins
     from mmemb.encoder_io import save_encoder
     from mmemb.model import Encoder
-    from mmemb.testing import make_tiny_llava_onevision
 
     tiny = make_tiny_llava_onevision(tmp_path_factory.mktemp("tiny"), weights=True, seed=0)
     encoder = Encoder(plugins.build("backbone", "llava_onevision", path=str(tiny)),

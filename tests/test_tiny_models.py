@@ -1,5 +1,6 @@
-"""The tiny model factory: files written, reload through from_pretrained, the tokenizer, the CLI,
-and the committed tiny LLaVA-OneVision definition in recipes/tiny/."""
+"""The tiny model factory: files written, reload through from_pretrained, the tokenizer, the
+``tiny_model`` registry and the CLI that dispatches through it, and the committed tiny
+LLaVA-OneVision definition in recipes/tiny/."""
 
 from __future__ import annotations
 
@@ -11,15 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from mmemb.testing import (
+from mmemb_hf import TINY_MODELS
+from mmemb_hf.tiny import (
+    LLAVA_MEDIA_TOKENS,
+    QWEN_SPECIAL_TOKENS,
     build_tiny_tokenizer,
     make_tiny_clip,
     make_tiny_llava_onevision,
     make_tiny_qwen2_vl,
     make_tiny_text_model,
 )
-from mmemb.testing.tiny import LLAVA_MEDIA_TOKENS, QWEN_SPECIAL_TOKENS, main
+
+from mmemb import plugins
+from mmemb.errors import UnknownComponentError
+from mmemb.testing import make_tiny_model, tiny_model_kinds
+from mmemb.testing.tiny import main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "recipes" / "tiny" / "llava-onevision"
@@ -96,6 +103,49 @@ def test_cli_writes_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[st
     report = json.loads(capsys.readouterr().out)
     assert report["files"] == ["config.json", "preprocessor_config.json", "tokenizer.json",
                                "tokenizer_config.json"]
+
+
+def test_registry_lists_the_tiny_models_of_mmemb_hf() -> None:
+    kinds = ["clip", "llava_onevision", "qwen2_vl", "siglip", "text"]  # what the CLI always took
+    assert tiny_model_kinds() == kinds == sorted(TINY_MODELS)
+    table = plugins.registry("tiny_model")
+    for kind in kinds:
+        assert table[kind].provider == "mmemb" and table[kind].summary, kind
+
+
+def test_make_tiny_model_writes_what_the_builder_writes(tmp_path: Path) -> None:
+    via_registry = make_tiny_model("llava_onevision", tmp_path / "r", weights=False, seed=3)
+    direct = make_tiny_llava_onevision(tmp_path / "d", weights=False, seed=3)
+    assert via_registry == tmp_path / "r"
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (via_registry / name).read_bytes() == (direct / name).read_bytes(), name
+
+
+def test_unknown_kind_names_the_registered_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(UnknownComponentError, match="Did you mean 'llava_onevision'") as err:
+        make_tiny_model("lava_onevision", tmp_path / "x")
+    assert "clip, llava_onevision, qwen2_vl, siglip, text" in str(err.value)
+    with pytest.raises(SystemExit) as code:
+        main(["lava_onevision", str(tmp_path / "x")])
+    assert code.value.code == 2
+    msg = capsys.readouterr().err
+    assert "invalid choice: 'lava_onevision'" in msg
+    assert "'clip', 'llava_onevision', 'qwen2_vl', 'siglip', 'text'" in msg
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.only_plugins()
+def test_cli_without_a_tiny_model_plugin_says_where_they_come_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as code:
+        main(["text", str(tmp_path / "t")])
+    assert code.value.code == 2
+    msg = capsys.readouterr().err
+    assert "no installed plugin registers a tiny_model" in msg and "mmemb_hf" in msg
 
 
 def test_cli_as_a_module(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from mmemb_hf.tiny import make_tiny_llava_onevision, make_tiny_qwen2_vl
 
 from mmemb.cli import cli
-from mmemb.testing.tiny import make_tiny_llava_onevision, make_tiny_qwen2_vl
 from mmemb.train.testing import prepare_synthetic
 
 pytest.importorskip("deepspeed")

@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 import torch
-
-from mmemb import plugins
-from mmemb.data.schema import Item
-from mmemb.testing import (
+from mmemb_hf.tiny import (
     make_tiny_clip,
     make_tiny_llava_onevision,
     make_tiny_qwen2_vl,
     make_tiny_siglip,
-    shape_png,
 )
+
+from mmemb import plugins
+from mmemb.data.schema import Item
+from mmemb.testing import shape_png
 
 TEXT = [Item(text="a red circle above a blue square"), Item(text="green")]
 IMAGES = [Item(image=shape_png("red", "circle")), Item(image=shape_png("blue", "square"))]

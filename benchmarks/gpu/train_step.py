@@ -5,7 +5,7 @@
     python benchmarks/gpu/train_step.py --size tiny --device cpu --steps 1 --warmup 1  # dry run
 
 The model directory is written locally (nothing is downloaded): the tiny LLaVA-OneVision of
-``mmemb.testing.tiny`` with its config widened to the size asked for and no weights, so the
+``mmemb_hf.tiny`` with its config widened to the size asked for and no weights, so the
 backbone is built with ``init: random`` (seeded). ``0.5b`` is Qwen2-0.5B's language model
 (24 layers, hidden 896, 14 heads, 2 KV heads, MLP 4864, vocabulary 151 936: 494 M parameters)
 with a SigLIP-base-sized vision tower (12 layers, hidden 768, 384 px, 16 px patches: ~86 M), about
@@ -52,7 +52,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 
 def make_model_dir(out: Path, size: str) -> Path:
     """A LLaVA-OneVision model directory (config, tokenizer, image processor; no weights)."""
-    from mmemb.testing.tiny import make_tiny_llava_onevision
+    from mmemb_hf.tiny import make_tiny_llava_onevision
 
     spec = SIZES[size]
     make_tiny_llava_onevision(out, weights=False, **spec["image"])
