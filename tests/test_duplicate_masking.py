@@ -14,17 +14,15 @@ equal the single-process ones, and the copy gets no gradient from rank 0's row.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from loss_impls import impl
 
 import mmemb.loss as L
 from mmemb import plugins
+from mmemb.train.testing import run_workers
 
 TAU = 0.05
 TOPK_TIE = 1e-5  # topk_mask's documented tie tolerance in similarity (mmemb_ega.topk.TIE_TOL)
@@ -234,10 +232,8 @@ def _gathered(rank, q, c, keys, rw, tile, symmetric):
     return value / WORLD, q.grad / WORLD, c.grad / WORLD
 
 
-def _worker(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+def _worker(rank: int, world: int) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         batches, copy = _rank_batches()
         q_all = torch.cat([b[0] for b in batches])
@@ -277,12 +273,6 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.distributed
 def test_a_duplicate_on_another_rank_is_masked():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    run_workers(_worker, WORLD)

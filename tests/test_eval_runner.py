@@ -4,13 +4,11 @@ embedding cache, the CLI, and 2-process sharded encoding."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from click.testing import CliRunner
 from test_eval_support import (
     EVAL_PLUGINS,
@@ -27,6 +25,7 @@ from mmemb.errors import DataError, MmembError, UnknownComponentError
 from mmemb.eval import EvalResults, evaluate
 from mmemb.eval.cache import EmbeddingCache
 from mmemb.testing import only_plugins
+from mmemb.train.testing import run_workers
 
 pytestmark = pytest.mark.only_plugins(*EVAL_PLUGINS)
 
@@ -224,23 +223,15 @@ def test_cli_eval_references_and_compare(tmp_path: Path) -> None:
 # --- 2 processes --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, out: str) -> None:
     with only_plugins(*EVAL_PLUGINS):  # a spawned process: the test's marker does not reach it
-        _evaluate_on_rank(rank, world, port, out)
+        _evaluate_on_rank(rank, world, out)
 
 
-def _evaluate_on_rank(rank: int, world: int, port: int, out: str) -> None:
+def _evaluate_on_rank(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         enc = make_encoder()
         res = evaluate(enc, _data(), out=Path(out) / "results", cache_dir=Path(out) / "cache",
@@ -263,7 +254,7 @@ def _evaluate_on_rank(rank: int, world: int, port: int, out: str) -> None:
 def test_two_process_sharded_encoding_equals_one_process(
     tmp_path: Path
 ) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    run_workers(_worker, 2, str(tmp_path / "two"))
     enc = make_encoder()
     one = evaluate(enc, _data(), cache_dir=tmp_path / "one" / "cache", show_progress=False)
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -9,14 +9,13 @@ float64, ``contrastive_loss`` on the concatenated batch laid out by the collator
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from loss_impls import impl
+
+from mmemb.train.testing import run_workers
 
 WORLD = 2
 SIZES = (3, 5)  # queries per rank
@@ -47,14 +46,11 @@ def _embed(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.normalize(x @ w, dim=-1)
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, world: int) -> None:
     import mmemb.loss as L
     from mmemb import plugins
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         xq, xp, xn, w0 = _global_batch()
         lo = sum(SIZES[:rank])
@@ -94,12 +90,6 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.distributed
 def test_gathered_loss_gradients_equal_single_process():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    run_workers(_worker, WORLD)
