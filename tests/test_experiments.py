@@ -29,6 +29,7 @@ def _load(name: str) -> ModuleType:
 rw = _load("reweighters")
 docs = _load("build_docstrings")
 digits = _load("build_digits")
+packages = _load("build_docpackages")
 
 
 # --- runner: configs and statistics ------------------------------------------------------------
@@ -201,6 +202,22 @@ def test_split_is_by_package_and_eval_lists_are_own_candidates() -> None:
     again, evals_again = docs.build_split(pool, ["held", "held2"], n_train=50, n_eval=30,
                                           candidates=10, per_package_cap=25, seed=0)
     assert again == train and evals_again == evals  # seeded
+
+
+def test_package_rows_hold_out_queries_and_rank_every_label() -> None:
+    pool = [_doc(pkg, i) for pkg in ("a", "b", "c") for i in range(40)]
+    labels = {"a": "a: alpha", "b": "b: beta", "c": "c: gamma"}
+    train, evals = packages.build_rows(pool, labels, train_per_class=15, eval_per_class=5, seed=0)
+    assert len(evals) == 15 and len(train) == 45
+    for r in evals:
+        assert r["pos"] == labels[r["meta"]["package"]]
+        assert sorted([r["pos"], *r["neg"]]) == sorted(labels.values())  # all labels, once
+    assert all(r["pos"] == labels[r["meta"]["package"]] for r in train)
+    assert not {r["query"] for r in train} & {r["query"] for r in evals}
+    order = [r["meta"]["package"] for r in train]
+    assert sum(a != b for a, b in zip(order, order[1:], strict=False)) > 10  # classes interleaved
+    again = packages.build_rows(pool, labels, train_per_class=15, eval_per_class=5, seed=0)
+    assert again == (train, evals)  # seeded
 
 
 def test_iter_docstrings_reads_source_without_importing(tmp_path: Path) -> None:
