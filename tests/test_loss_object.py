@@ -215,6 +215,21 @@ def test_collapse_alarm_fires_once_after_patience_and_names_the_fix():
     assert line is not None and "train.lr" in line
 
 
+def test_collapse_alarm_fires_when_queries_are_pushed_away_from_their_positives():
+    # un-normalised EGA on a pretrained model: scores still differ, the loss is far from ln(M),
+    # but the positive similarity went negative (docs/results.md, docstring -> package study)
+    ega = plugins.build("reweighter", "ega", normalize=False)
+    alarm = CollapseAlarm(warmup_steps=0, loss=L.ContrastiveLoss(temperature=TAU, reweighter=ega))
+    for step in (10, 20):
+        assert alarm.check(step, loss=3.5, candidates_per_row=48, pos_sim=-0.52,
+                           hardest_neg_sim=-0.47) is None
+    line = alarm.check(30, loss=3.5, candidates_per_row=48, pos_sim=-0.52, hardest_neg_sim=-0.47)
+    assert line is not None and "-0.5200 < 0" in line and "normalize=true" in line
+    healthy = CollapseAlarm(warmup_steps=0, loss=L.ContrastiveLoss(temperature=TAU), patience=1)
+    assert healthy.check(1, loss=2.7, candidates_per_row=48, pos_sim=0.12,
+                         hardest_neg_sim=0.14) is None  # the lowest healthy value seen: 0.11
+
+
 def test_collapse_alarm_reads_the_loss_only_where_uniform_scores_give_ln_m():
     # LLaVE offsets the negatives' logits: a healthy run can sit near ln(M); only the sims decide
     llave = L.ContrastiveLoss(temperature=TAU, reweighter=plugins.build("reweighter", "llave"))

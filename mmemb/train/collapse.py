@@ -32,7 +32,11 @@ class CollapseAlarm:
     than ``sim_tol``, or — where uniform scores give exactly ``ln(candidates per row)``, i.e. one
     direction and a reweighter that leaves the logits alone — when the loss is within
     ``rel_tol`` of it. (LLaVE's logit offsets and the symmetric term's second direction change
-    the loss of uniform scores, so only the similarities decide for them.)
+    the loss of uniform scores, so only the similarities decide for them.) It is also collapsed
+    when the mean positive similarity is below zero: every query pushed away from its own
+    positive. Un-normalised EGA did that to a pretrained model (positive cosine -0.5, P@1 13
+    points below the model before training) while the loss stayed well under ``ln M`` and the
+    scores still differed; no healthy run of the studies in docs/results.md went below +0.11.
     """
 
     warmup_steps: int
@@ -54,12 +58,18 @@ class CollapseAlarm:
         plain_logits = not (self.loss.symmetric or self.loss.reweighter.transforms_logits)
         flat_loss = plain_logits and abs(loss - uniform) <= self.rel_tol * uniform
         flat_sims = abs(pos_sim - hardest_neg_sim) < self.sim_tol
-        self.streak = self.streak + 1 if (flat_loss or flat_sims) else 0
+        repelled = pos_sim < 0.0
+        self.streak = self.streak + 1 if (flat_loss or flat_sims or repelled) else 0
         if self.streak < self.patience:
             return None
         self.fired = True
-        what = (f"loss {loss:.4f} ≈ ln({candidates_per_row:.0f}) = {uniform:.4f}" if flat_loss
-                else f"positive similarity {pos_sim:.4f} ≈ hardest negative {hardest_neg_sim:.4f}")
+        if flat_loss:
+            what = f"loss {loss:.4f} ≈ ln({candidates_per_row:.0f}) = {uniform:.4f}"
+        elif flat_sims:
+            what = f"positive similarity {pos_sim:.4f} ≈ hardest negative {hardest_neg_sim:.4f}"
+        else:
+            what = (f"positive similarity {pos_sim:.4f} < 0 (queries pushed away from their own "
+                    "positives)")
         return f"collapse at step {step}: {what} for {self.patience} log intervals. {self._fix()}"
 
     def _fix(self) -> str:
