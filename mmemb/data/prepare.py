@@ -409,8 +409,7 @@ def stop_on_signals() -> Iterator[None]:
     the block runs, so `prepare` removes its staging directory and the caller can exit with a
     requeue status -- except while prepare moves the finished output into place: a stop then
     is not raised at all, as the prepare has finished (it returns, with a note saying so). Main
-    thread only (a no-op elsewhere); the previous handlers
-    come back afterwards."""
+    thread only (a no-op elsewhere); the previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
