@@ -378,3 +378,46 @@ def test_without_file_locks_a_stale_staging_is_judged_by_its_owner_record(
     assert report.written == 2 and not staging.exists()
     assert report.notes[0].startswith(f"removed {staging}, left by an interrupted prepare (pid "
                                        f"{ended.pid} on ")
+
+
+def _label_rows(path: Path, labels: list[str]) -> Path:
+    path.write_text("".join(
+        json.dumps({"id": f"r{i}", "query": f"item number {i}", "pos": label}) + "\n"
+        for i, label in enumerate(labels)
+    ))
+    return path
+
+
+@pytest.mark.parametrize("classes", [2, 10])
+def test_prepare_notes_a_train_set_grouped_by_its_positive(tmp_path: Path, classes: int) -> None:
+    """Sorted by label, the stream's local shuffle cannot mix the classes: prepare says so."""
+    import random
+
+    labels = [f"class {k}" for k in range(classes) for _ in range(200 // classes)]
+    grouped = prepare("jsonl", {"input": str(_label_rows(tmp_path / "g.jsonl", labels))},
+                      tmp_path / "g")
+    assert len(grouped.notes) == 1 and "grouped by their positive" in grouped.notes[0]
+    assert "shuffle the input rows" in str(grouped)
+
+    random.Random(0).shuffle(labels)
+    mixed = prepare("jsonl", {"input": str(_label_rows(tmp_path / "m.jsonl", labels))},
+                    tmp_path / "m")
+    assert mixed.notes == []
+
+
+def test_prepare_does_not_note_unique_positives_or_eval_sets(tmp_path: Path) -> None:
+    unique = [f"caption {i}" for i in range(150)]
+    report = prepare("jsonl", {"input": str(_label_rows(tmp_path / "u.jsonl", unique))},
+                     tmp_path / "u")
+    assert report.notes == []
+    root = tmp_path / "tree"
+    for k in range(3):
+        for i in range(40):
+            (root / f"c{k}").mkdir(parents=True, exist_ok=True)
+            (root / f"c{k}" / f"{i}.png").write_bytes(png_bytes(k))
+    in_order = prepare("image_folder", {"input": str(root), "shuffle": False, "kind": "eval"},
+                       tmp_path / "e")
+    assert in_order.notes == []  # an eval set's order does not matter
+    assert prepare("image_folder", {"input": str(root), "shuffle": False},
+                   tmp_path / "t").notes != []
+    assert prepare("image_folder", {"input": str(root)}, tmp_path / "s").notes == []

@@ -45,6 +45,7 @@ from mmemb.data.images import ImageError, normalize_image
 from mmemb.data.schema import Item, Sample
 from mmemb.data.shards import MANIFEST_NAME, REJECTS_NAME, ShardWriter, write_json_atomic
 from mmemb.data.sources import Reject, Source
+from mmemb.data.target_order import TargetOrder
 from mmemb.errors import DataError
 from mmemb.fileio import replace_dir
 
@@ -516,6 +517,7 @@ def prepare(
 
     started = time.perf_counter()
     unique = _UniqueIds()
+    order = TargetOrder() if getattr(src, "kind", "train") == "train" else None
     read = 0
     rejected: dict[str, int] = {}
     rejects_file: IO[str] | None = None
@@ -553,11 +555,16 @@ def prepare(
                 rejects_file.write(json.dumps(checked.to_json(), ensure_ascii=False) + "\n")
             else:
                 writer.write(checked)
+                if order is not None:
+                    order.add(checked)
             if progress is not None:
                 progress(read, writer.written, sum(rejected.values()))
         shards = writer.close()
         if rejects_file is not None:
             rejects_file.close()
+        grouped = order.note() if order is not None else None
+        if grouped is not None:
+            notes.append(grouped)
         written = writer.written
         n_rejected = sum(rejected.values())
         if read != written + n_rejected:  # the promise users rely on; a bug if it breaks
