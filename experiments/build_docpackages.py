@@ -29,9 +29,7 @@ and with --prepare (the default):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
-import json
 import random
 import sys
 from collections import Counter, defaultdict
@@ -48,6 +46,7 @@ from build_docstrings import (  # noqa: E402
     iter_docstrings,
     package_root,
     save_pretrained_encoder,
+    write_manifest,
 )
 
 # Top-level import name -> distribution; chosen for at least ~90 usable docstrings each and a
@@ -125,20 +124,14 @@ def main() -> None:
     out: Path = args.out
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "eval" / "packages.jsonl", eval_rows)
-    manifest = {
-        "command": " ".join(sys.argv),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "package_versions": versions,
-        "labels": labels,
-        "docstrings_after_dedupe": len(kept),
-        "train_per_package": dict(sorted(Counter(r["meta"]["package"] for r in train).items())),
-        "eval_queries": len(eval_rows),
-        "sha256": {
-            name: hashlib.sha256((out / name).read_bytes()).hexdigest()
-            for name in ("train.jsonl", "eval/packages.jsonl")
-        },
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(
+        out, args, ("train.jsonl", "eval/packages.jsonl"),
+        package_versions=versions,
+        labels=labels,
+        docstrings_after_dedupe=len(kept),
+        train_per_package=dict(sorted(Counter(r["meta"]["package"] for r in train).items())),
+        eval_queries=len(eval_rows),
+    )
     print(f"{len(kept)} docstrings after dedupe; {len(train)} training pairs, "
           f"{len(eval_rows)} eval queries x {len(labels)} labels")
     if args.no_prepare:

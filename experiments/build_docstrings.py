@@ -38,6 +38,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Packages installed with `pip install -e .[test,experiments]` (directly or as dependencies), so
 # the set can be rebuilt on any machine that installed mmemb that way. Evaluation packages are
@@ -217,6 +218,20 @@ def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def write_manifest(out: Path, args: argparse.Namespace, files: tuple[str, ...],
+                   **fields: Any) -> dict[str, Any]:
+    """Write OUT/manifest.json: the command and its settings, `fields`, and the sha256 of each of
+    `files` (relative to OUT), so a rebuilt set can be told apart; returns it."""
+    manifest: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **fields,
+        "sha256": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in files},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def _mmemb(*args: str) -> None:
     """Run an mmemb command (one thread: the machine is shared) and fail loudly."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -284,23 +299,17 @@ def main() -> None:
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "eval" / "docstrings.jsonl", eval_rows)
     counts = Counter(d.package for d in kept)
-    manifest = {
-        "command": " ".join(sys.argv),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "package_versions": versions,
-        "docstrings_parsed": len(docs),
-        "docstrings_after_dedupe": len(kept),
-        "after_dedupe_per_package": dict(sorted(counts.items())),
-        "train_pairs": len(train),
-        "train_per_package": dict(sorted(Counter(r["meta"]["package"] for r in train).items())),
-        "eval_queries": len(eval_rows),
-        "eval_per_package": dict(sorted(Counter(r["meta"]["package"] for r in eval_rows).items())),
-        "sha256": {
-            name: hashlib.sha256((out / name).read_bytes()).hexdigest()
-            for name in ("train.jsonl", "eval/docstrings.jsonl")
-        },
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = write_manifest(
+        out, args, ("train.jsonl", "eval/docstrings.jsonl"),
+        package_versions=versions,
+        docstrings_parsed=len(docs),
+        docstrings_after_dedupe=len(kept),
+        after_dedupe_per_package=dict(sorted(counts.items())),
+        train_pairs=len(train),
+        train_per_package=dict(sorted(Counter(r["meta"]["package"] for r in train).items())),
+        eval_queries=len(eval_rows),
+        eval_per_package=dict(sorted(Counter(r["meta"]["package"] for r in eval_rows).items())),
+    )
     print(f"{len(docs)} docstrings parsed, {len(kept)} after dedupe; "
           f"{len(train)} training pairs, {len(eval_rows)} eval queries x {args.candidates}")
     if args.no_prepare:
